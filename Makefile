@@ -1,0 +1,29 @@
+# The README's two commands: `make demo` (install + run the main job on bundled photos) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.samsr-installed
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+# torch/torchvision are pinned by constraints.txt (the pair that imports together on our machines).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/samsr demo --out demo-output
+
+# pytest exits 5 when it collects no tests; that is not a failure of the suite.
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

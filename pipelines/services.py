@@ -1,0 +1,194 @@
+"""Real local services for tests and `samsr local up`: an S3 endpoint (moto) and a Ray head.
+
+Each service is a subprocess in its own session with its log in a work directory, bound to
+127.0.0.1 only, started by `start_process` and considered up when its `ready_check` passes.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the service's process group, wait, then SIGKILL what is left."""
+        if self.process.poll() is not None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.process.pid, sig)   # its own session: pgid == pid
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=timeout)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def venv_script(name: str) -> str:
+    """Path of a console script installed beside the running interpreter (the venv's bin/)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"console script {name!r} is neither in {candidate.parent} nor on PATH; "
+                                f"install the package that provides it into this environment")
+    return found
+
+
+def http_ready(url: str, timeout: float = 1.0) -> Callable[[], bool]:
+    """A ready_check: true once `url` answers HTTP at all (any status), bypassing proxies."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def check() -> bool:
+        try:
+            opener.open(url, timeout=timeout).close()
+            return True
+        except urllib.error.HTTPError:
+            return True
+        except (urllib.error.URLError, OSError):
+            return False
+
+    return check
+
+
+def _log_tail(path: Path, n: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no log)"
+
+
+def start_process(name: str, argv: Sequence[str], ready_check: Callable[[], bool], workdir: Path,
+                  env: Mapping[str, str] | None = None, url: str = "", timeout: float = 60.0) -> Service:
+    """Start `argv` in its own session (log: workdir/<name>.log), wait until `ready_check()` is true.
+
+    `env` entries are added to the current environment. Raises RuntimeError with the log's tail if
+    the process exits or is not ready within `timeout` seconds (it is stopped first).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"{name}.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(list(argv), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=workdir, env={**os.environ, **(env or {})}, start_new_session=True)
+    service = Service(name=name, url=url, process=proc, log_path=log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {proc.returncode} before it was ready; "
+                               f"argv={list(argv)}; log {log_path}:\n{_log_tail(log_path)}")
+        if ready_check() and proc.poll() is None:   # not someone else answering on our port
+            return service
+        time.sleep(0.1)
+    service.stop()
+    raise RuntimeError(f"{name} was not ready after {timeout:.0f}s; argv={list(argv)}; "
+                       f"log {log_path}:\n{_log_tail(log_path)}")
+
+
+def start_moto(workdir: Path, port: int | None = None, timeout: float = 60.0) -> Service:
+    """An S3-compatible endpoint (moto_server) on 127.0.0.1; point AWS_ENDPOINT_URL at `.url`."""
+    script = venv_script("moto_server")
+    tries = 1 if port else 3          # a free port can be taken between free_port() and bind
+    for attempt in range(tries):
+        p = port or free_port()
+        url = f"http://{HOST}:{p}"
+        try:
+            return start_process("moto", [script, "-H", HOST, "-p", str(p)], http_ready(url), workdir,
+                                 url=url, timeout=timeout)
+        except RuntimeError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+RAY_SOCKET_DIR_MAX = 40   # Ray's session dirs hold unix sockets (path limit ~107 chars): keep the root short
+
+
+@dataclass
+class RayHead(Service):
+    """A `ray start --head --block` node on 127.0.0.1 with token authentication on.
+
+    `url` is the dashboard (job submission) address; `token` is never put on a command line.
+    """
+    gcs_address: str = ""
+    token: str = ""
+    temp_dir: str = ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the head's process group (Ray drains first), then remove its temp dir."""
+        super().stop(timeout)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for `ray job submit` / `ray.init(address=...)` against this head."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_ADDRESS": self.url,
+                "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def ray_env(token: str) -> dict[str, str]:
+    """Loopback-only, no usage stats, token auth with `token` (Ray 2.5x+: RAY_AUTH_MODE / RAY_AUTH_TOKEN)."""
+    return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+
+
+def start_ray_head(workdir: Path, num_cpus: int = 4, timeout: float = 120.0) -> RayHead:
+    """A local Ray head (GCS, raylet, dashboard + job API) on 127.0.0.1 with free ports and a fresh token.
+
+    Its temp dir is `workdir/rt` when that path is short enough for Ray's unix sockets, else a short
+    directory under /tmp. Stop it with `.stop()` (its whole process group).
+    """
+    workdir = Path(workdir)
+    temp = workdir / "rt"
+    if len(str(temp)) > RAY_SOCKET_DIR_MAX:
+        temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    temp.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(32)
+    port, dash, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
+    # every port explicit: a second Ray on the machine (e.g. an in-process test session) holds the defaults
+    argv = [venv_script("ray"), "start", "--head", "--block", f"--node-ip-address={HOST}", f"--port={port}",
+            "--dashboard-host", HOST, "--dashboard-port", str(dash), "--include-dashboard", "true",
+            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+            "--temp-dir", str(temp), f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats"]
+    url = f"http://{HOST}:{dash}"
+    proc = start_process("ray-head", argv, http_ready(f"{url}/api/version"), workdir, env=ray_env(token),
+                         url=url, timeout=timeout)
+    return RayHead(name=proc.name, url=url, process=proc.process, log_path=proc.log_path,
+                   gcs_address=f"{HOST}:{port}", token=token, temp_dir=str(temp))
+
+
+__all__ = ["Service", "RayHead", "start_ray_head", "ray_env", "free_port", "venv_script", "http_ready", "start_process", "start_moto", "HOST"]

@@ -1,0 +1,62 @@
+"""The plain single-process training loop: the reference the Ray Train job is compared against.
+
+Reads top to bottom: batches from `samsr.data.make_batch`, one `train_step` per iteration, lr decay.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from samsr.config import Config
+from samsr.data import Sample, make_batch
+from samsr.method import SRMethod
+from samsr.train_step import make_lr_schedule, make_optimizer, rrdb_pretrain_step, train_step
+
+Log = Callable[[int, dict[str, float]], None]
+
+
+def _quiet(step: int, metrics: dict[str, float]) -> None:
+    return None
+
+
+def pretrain_rrdb(rrdb: torch.nn.Module, samples: Sequence[Sample], cfg: Config, seed: int,
+                  iterations: int | None = None, log: Log = _quiet) -> list[float]:
+    """Pretrain SAM-DiffSR's RRDB encoder alone with L1 to HR (METHOD.md §A). Returns the L1 history."""
+    rng = np.random.default_rng(seed)
+    steps = cfg.train.rrdb_iterations if iterations is None else iterations
+    rrdb.train()
+    for p in rrdb.parameters():
+        p.requires_grad_(True)
+    opt = make_optimizer(rrdb.parameters(), cfg.train.rrdb_lr)
+    history = []
+    for step in range(1, steps + 1):
+        batch = make_batch(samples, cfg.train.batch_size, cfg.data.hr_crop, cfg.data.scale, rng, cfg.data.flips)
+        metrics = rrdb_pretrain_step(rrdb, opt, batch)
+        history.append(metrics["rrdb_l1"])
+        if step % cfg.train.log_every == 0 or step == steps:
+            log(step, metrics)
+    rrdb.eval()
+    for p in rrdb.parameters():
+        p.requires_grad_(False)
+    return history
+
+
+def train(method: SRMethod, samples: Sequence[Sample], cfg: Config, seed: int,
+          iterations: int | None = None, log: Log = _quiet) -> list[dict[str, float]]:
+    """Train `method` for `iterations` (default cfg.train.iterations) steps. Returns per-step metrics."""
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    steps = cfg.train.iterations if iterations is None else iterations
+    opt = make_optimizer(method.trainable_parameters(), cfg.train.lr)
+    sched = make_lr_schedule(opt, cfg.train)
+    history = []
+    for step in range(1, steps + 1):
+        batch = make_batch(samples, cfg.train.batch_size, cfg.data.hr_crop, cfg.data.scale, rng, cfg.data.flips)
+        metrics = train_step(method, opt, batch, generator, cfg.train.grad_clip)
+        sched.step()
+        history.append(metrics)
+        if step % cfg.train.log_every == 0 or step == steps:
+            log(step, metrics)
+    return history

@@ -1,0 +1,233 @@
+"""The shard job (pipelines/shard.py) on real Ray (in-process and a `ray start --head` node) and a real
+moto S3 server: bad and odd inputs, read-back with webdataset and Ray Data, resume after a kill,
+byte-identical reruns, the tiny random SAM in the actor pool, dry-run and the CLI mapping."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from pipelines import cli, services
+from pipelines import shard as shard_job
+from samsr import config, images, storage
+from samsr.data import prepare_sample
+from samsr.shards import format as fmt
+from samsr.structure.segmenters import SuperpixelSegmenter
+from test_images import encode, png_header_only   # the bad-input builders of the decode tests
+
+SEGMENTS = 12
+SUPERPIXEL = ["segmenter.kind=superpixel", f"segmenter.superpixel_segments={SEGMENTS}"]
+
+
+def exif_rotated(rgb: np.ndarray) -> bytes:
+    img = Image.fromarray(rgb)
+    exif = img.getexif()
+    exif[0x0112] = 6                        # rotate 90° CW on display
+    return encode(img, "JPEG", quality=92, exif=exif.tobytes())
+
+
+ASTRO, COFFEE, CAT = skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()
+GOOD = {
+    "rgb.png": encode(ASTRO[:96, :128], "PNG"),
+    "photo.jpg": encode(COFFEE[100:196, 200:328], "JPEG", quality=90),
+    "odd_size.png": encode(CAT[:97, :131], "PNG"),
+    "cmyk.jpg": encode(Image.fromarray(ASTRO[200:296, 200:328]).convert("CMYK"), "JPEG", quality=92),
+    "gray16.png": encode(Image.fromarray((CAT[:96, :112, 0].astype(np.uint16) * 257)), "PNG"),
+    "alpha.png": encode(np.dstack([COFFEE[:96, :96], np.full((96, 96), 128, np.uint8)]), "PNG"),
+    "palette.png": encode(Image.fromarray(CAT[100:196, 100:228]).convert("P"), "PNG"),
+    "exif_rotated.jpg": exif_rotated(ASTRO[300:396, 100:164]),
+    "sub/dir/nested.png": encode(COFFEE[200:296, 300:396], "PNG"),
+}
+_jpg = encode(ASTRO[:128, :160], "JPEG", quality=90)
+BAD = {
+    "truncated.jpg": (_jpg[: len(_jpg) // 2], "truncated"),
+    "empty.png": (b"", "empty"),
+    "text.png": (b"just some text, renamed to .png\n" * 4, "corrupt"),
+    "bomb.png": (png_header_only(100_000, 100_000), "too_large"),
+    "tiny.png": (encode(ASTRO[:20, :20], "PNG"), "too_small"),
+}
+
+
+def shard_cfg(inp: str, out: str, *extra: str, preset: str = "samdiffsr"):
+    return config.load(preset, [*SUPERPIXEL, f"shard.input={inp}", f"shard.output={out}", "shard.samples_per_shard=4",
+                                "shard.actors=2", "shard.cpus_per_actor=0.5", "shard.batch_size=2", *extra])
+
+
+def read_shards(output: str) -> dict[str, bytes]:
+    return {Path(u).name: storage.read_bytes(u) for u in storage.list_files(output, [".tar"])}
+
+
+@pytest.fixture(scope="module")
+def s3_input(s3):
+    client = s3.client()
+    bucket = s3.bucket("shard-in")
+    for name, data in GOOD.items():
+        client.put_object(Bucket="shard-in", Key=f"photos/{name}", Body=data)
+    for name, (data, _) in BAD.items():
+        client.put_object(Bucket="shard-in", Key=f"photos/{name}", Body=data)
+    client.put_object(Bucket="shard-in", Key="photos/README.txt", Body=b"not listed: no image suffix")
+    return f"{bucket}/photos"
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_input, s3, ray_local):
+    out = s3.bucket("shard-out") + "/run1"
+    stats = shard_job.run(shard_cfg(s3_input, out))
+    return out, stats
+
+
+@pytest.mark.slow
+def test_s3_prefix_every_valid_image_present_bad_ones_reported(s3_input, s3_run):
+    out, stats = s3_run
+    assert (stats["ok"], stats["failed"], stats["shards"]) == (9, 5, 4)      # 14 images, 4 per shard
+    tars = read_shards(out)
+    assert sorted(tars) == [f"shard-0000{i}.tar" for i in range(4)]
+    samples = {k: v for t in tars.values() for k, v in fmt.read_tar(t).items()}
+    assert sorted(samples) == sorted(fmt.sample_key(n) for n in GOOD)
+    members = sorted(fmt.MEMBERS_HR + fmt.MEMBERS_LRUP)
+    assert all(sorted(m) == members for m in samples.values())
+    failures = [json.loads(line) for line in storage.read_text(f"{out}/failures.jsonl").splitlines()]
+    assert {f["uri"].rsplit("/", 1)[1]: f["reason"] for f in failures} == {n: r for n, (_, r) in BAD.items()}
+    assert all(f["message"] for f in failures)
+    manifest = json.loads(storage.read_bytes(f"{out}/_manifest/shard-00000.json"))
+    assert manifest["ok"] + manifest["failed"] == 4 and all("t_segment" in s for s in manifest["samples"])
+    # the last shard (tiny.png, truncated.jpg) holds no valid image: an empty tar, no contact sheet
+    assert fmt.read_tar(tars["shard-00003.tar"]) == {}
+    assert [Path(u).name for u in storage.list_files(f"{out}/_preview")] == [f"shard-0000{i}.jpg" for i in range(3)]
+    sheet = Image.open(io.BytesIO(storage.read_bytes(f"{out}/_preview/shard-00000.jpg")))
+    assert sheet.format == "JPEG" and sheet.size[0] > 64
+    plan = json.loads(storage.read_bytes(f"{out}/_plan.json"))
+    assert plan["num_images"] == 14 and plan["fingerprint"]["segmenter"]["kind"] == "superpixel"
+
+
+@pytest.mark.slow
+def test_read_back_with_webdataset_and_ray_data_equals_direct_samsr(s3_input, s3_run, tmp_path, ray_local):
+    import webdataset as wds
+
+    out, _ = s3_run
+    for name, data in read_shards(out).items():
+        (tmp_path / name).write_bytes(data)
+    rows = list(wds.WebDataset(sorted(str(p) for p in tmp_path.glob("*.tar")), shardshuffle=False))
+    by_key = {r["__key__"]: r for r in rows}
+    seg = SuperpixelSegmenter(SEGMENTS, 10.0)
+    for name, data in GOOD.items():
+        got = fmt.decode_members({m: by_key[fmt.sample_key(name)][m] for m in fmt.MEMBERS_HR + fmt.MEMBERS_LRUP})
+        ref = prepare_sample("k", images.decode_image(data), 4, seg)       # samsr directly, same image
+        assert np.array_equal(got["hr.png"], ref.hr), name
+        assert np.array_equal(got["lr.png"], ref.lr), name
+        assert np.array_equal(got["hr.seg.png"], ref.spe_labels), name
+        assert np.array_equal(got["hr.spe.npy"], ref.spe_values), name
+        assert np.array_equal(got["lrup.cover.png"], ref.cover), name
+        assert got["json"]["source"] == f"{s3_input}/{name}"
+    fs, path = storage.filesystem(out)
+    ds = ray_local.data.read_webdataset(path, filesystem=fs, decoder=None, file_extensions=["tar"])
+    ray_rows = {r["__key__"]: r for r in ds.iter_rows()}
+    assert sorted(ray_rows) == sorted(by_key)
+    key = fmt.sample_key("odd_size.png")
+    assert bytes(ray_rows[key]["hr.seg.png"]) == by_key[key]["hr.seg.png"]
+    assert bytes(ray_rows[key]["hr.spe.npy"]) == by_key[key]["hr.spe.npy"]
+
+
+@pytest.fixture(scope="module")
+def local_input(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shard-local-in")
+    for i, name in enumerate(["rgb.png", "photo.jpg", "odd_size.png", "palette.png", "alpha.png", "gray16.png"]):
+        (root / f"img{i}_{name}").write_bytes(GOOD[name])
+    (root / "text.png").write_bytes(BAD["text.png"][0])
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference_run(local_input, tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("shard-ref")
+    shard_job.run(shard_cfg(str(local_input), str(out)))
+    return out
+
+
+@pytest.mark.slow
+def test_kill_midway_then_rerun_gives_the_uninterrupted_bytes(local_input, reference_run, tmp_path, ray_local):
+    cfg = shard_cfg(str(local_input), str(tmp_path / "out"))
+    with pytest.raises(RuntimeError, match="test hook"):
+        shard_job.run(cfg, fail_after_shards=1)
+    first = list((tmp_path / "out").glob("*.tar"))
+    assert len(first) == 1 and len(list((tmp_path / "out" / "_manifest").glob("*.json"))) == 1
+    before = first[0].stat().st_mtime_ns
+    stats = shard_job.run(cfg)
+    assert stats["shards_written_this_run"] == 1 and first[0].stat().st_mtime_ns == before   # only the missing one
+    assert read_shards(str(tmp_path / "out")) == read_shards(str(reference_run))
+    assert shard_job.run(cfg)["shards_written_this_run"] == 0                                # finished: no-op
+    with pytest.raises(ValueError, match="samples_per_shard"):
+        shard_job.run(config.replace(cfg, shard=config.replace(cfg.shard, samples_per_shard=3)))
+
+
+@pytest.mark.slow
+def test_ray_job_submit_to_a_local_head_gives_the_same_bytes(local_input, reference_run, tmp_path):
+    head = services.start_ray_head(tmp_path / "head", num_cpus=4)
+    try:
+        out = tmp_path / "job-out"
+        sets = [*SUPERPIXEL, f"shard.input={local_input}", f"shard.output={out}", "shard.samples_per_shard=4",
+                "shard.actors=2", "shard.cpus_per_actor=0.5", "shard.batch_size=2"]
+        argv = [services.venv_script("ray"), "job", "submit", "--address", head.url, "--",
+                sys.executable, "-m", "pipelines.shard", "--config", "samdiffsr"]
+        for s in sets:
+            argv += ["--set", s]
+        env = {**__import__("os").environ, **head.client_env()}
+        deadline = time.monotonic() + 90
+        while True:   # the job agent comes up some seconds after the dashboard answers
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+            text = proc.stdout + proc.stderr
+            if proc.returncode == 0 or time.monotonic() > deadline or not (
+                    "No available agent" in text or "Connection" in text):
+                break
+            time.sleep(3)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout + proc.stderr
+        assert read_shards(str(out)) == read_shards(str(reference_run))
+        # token auth is on: the job API refuses a client without the token
+        bad = subprocess.run([services.venv_script("ray"), "job", "list", "--address", head.url],
+                             env={**env, "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0
+    finally:
+        head.stop()
+
+
+@pytest.mark.slow
+def test_tiny_random_sam_runs_inside_the_actor_pool(local_input, tmp_path, ray_local):
+    cfg = config.load("samdiffsr-tiny", [f"shard.input={local_input}", f"shard.output={tmp_path}", "shard.limit=2",
+                                         "shard.actors=1", "shard.cpus_per_actor=0.5", "shard.lrup_masks=false"])
+    stats = shard_job.run(cfg)
+    assert stats["ok"] == 2 and stats["segmenter"]["random_weights"] is True
+    samples = fmt.read_tar((tmp_path / "shard-00000.tar").read_bytes())
+    for members in samples.values():
+        masks = json.loads(members["hr.masks.json"])
+        assert len(masks) > 0 and all(m["area"] > 0 and m["predicted_iou"] is not None for m in masks)
+        assert json.loads(members["json"])["segmenter"]["segmenter"] == "tiny-sam-random-seed0"
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(local_input, tmp_path):
+    lines = []
+    report = shard_job.run(shard_cfg(str(local_input), str(tmp_path / "never"), "shard.actors=4"),
+                           dry_run=True, echo=lines.append)
+    assert report["images"] == 7 and report["shards"] == 2 and report["sampled"] == 4
+    assert report["images_per_s_per_actor"] > 0 and report["estimated_bytes"] > 0
+    assert "images/s per actor" in lines[0] and not (tmp_path / "never").exists()
+
+
+def test_cli_flags_map_to_config_overrides():
+    args = cli.build_parser().parse_args(
+        ["shard", "--input", "s3://b/in", "--output", "out", "--segmenter", "tiny-sam", "--scale", "2",
+         "--samples-per-shard", "8", "--actors", "3", "--gpus-per-actor", "0.5", "--batch-size", "2",
+         "--no-lrup-masks", "--limit", "10"])
+    cfg = config.load(args.config, cli.shard_overrides(args))
+    assert (cfg.shard.input, cfg.shard.output, cfg.segmenter.kind, cfg.data.scale) == ("s3://b/in", "out", "tiny-sam", 2)
+    assert (cfg.shard.samples_per_shard, cfg.shard.actors, cfg.shard.gpus_per_actor) == (8, 3, 0.5)
+    assert (cfg.shard.batch_size, cfg.shard.lrup_masks, cfg.shard.limit) == (2, False, 10)
+    assert cfg.method == "samdiffsr" and cfg.segmenter.model_type == "vit_h"
