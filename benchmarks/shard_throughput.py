@@ -12,7 +12,6 @@ Prints one JSON line per measurement and a summary; numbers go to benchmarks/RES
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import secrets

@@ -10,7 +10,6 @@ import torch
 from samsr.config import ResShiftConfig, UNetConfig
 from samsr.diffusion import resshift as rs
 
-torch.set_num_threads(2)
 TINY_UNET = UNetConfig(base=8, mults=(1, 2), blocks_per_level=1)
 
 

@@ -12,7 +12,6 @@ from samsr.config import ResShiftConfig
 from samsr.diffusion import samnoise as sn
 from samsr.diffusion.resshift import ResShiftScheduler, eta_schedule
 
-torch.set_num_threads(2)
 
 
 def overlapping_masks() -> tuple[torch.Tensor, np.ndarray]:
