@@ -33,6 +33,8 @@ def bundled_photo(name: str) -> np.ndarray:
     import skimage.data
 
     img = getattr(skimage.data, name)()
+    if img.ndim == 2:   # grayscale photos (camera, moon) as RGB
+        img = np.repeat(img[..., None], 3, axis=2)
     return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
 
 

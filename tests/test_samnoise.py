@@ -13,7 +13,6 @@ from samsr.diffusion import samnoise as sn
 from samsr.diffusion.resshift import ResShiftScheduler, eta_schedule
 
 
-
 def overlapping_masks() -> tuple[torch.Tensor, np.ndarray]:
     """Three hard masks on 8x8 and their coverage counted by hand: C in {1, 2, 3}, some background."""
     m = np.zeros((3, 8, 8), dtype=bool)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.demo import bundled_photo
 from samsr import config, images, metrics
 from samsr.checkpoint import save_checkpoint
 from samsr.diffusion import samsr as samsr_mod
 from samsr.diffusion.samsr import INVERSE_T, ResShiftTeacher, SamEmbedding, SamsrStudent
 from samsr.infer import super_resolve_image, tile_boxes
 from samsr.structure import segmenters
-
 
 
 def untrained_pair(overrides=()) -> tuple[ResShiftTeacher, SamsrStudent]:
@@ -179,15 +179,6 @@ SEED = 1
 TEACHER_SET = ["data.hr_crop=32", "train.batch_size=16", "train.iterations=1000", "train.lr_decay_every=250"]
 STUDENT_SET = ["data.hr_crop=32", "train.batch_size=16", "train.iterations=200", "train.lr=5e-5",
                "train.lr_decay_every=1000"]
-
-
-def bundled_photo(name: str) -> np.ndarray:
-    import skimage.data
-
-    img = getattr(skimage.data, name)()
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
 
 
 def luminance_cover(lr: np.ndarray) -> np.ndarray:
