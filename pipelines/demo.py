@@ -75,6 +75,7 @@ def run(method: str = "samdiffsr", out_dir: str | Path = "demo-output", override
     cfg = config_mod.load(preset, overrides)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    torch.manual_seed(seed)   # network initialisation; batches and noise draw from their own seeded generators
     scale = cfg.data.scale
     t0 = time.perf_counter()
 
