@@ -1,6 +1,6 @@
 """Shard job throughput vs a bare single-process loop, actor scaling, and worker memory vs input size.
 
-    .venv/bin/python benchmarks/shard_throughput.py [--images 4] [--rss-small 50 --rss-large 500]
+    .venv/bin/python benchmarks/shard_throughput.py [--images 4] [--rss-small 50 --rss-large 500] [--no-rss]
 
 1. DIV2K-scale inputs (2040×1356 PNGs tiled/flipped from bundled skimage photos).
 2. Bare loop: one process, one torch thread, `samsr.shards.process.process_image` + tar encode per image.
@@ -136,6 +136,7 @@ def main() -> None:
     p.add_argument("--rss-small", type=int, default=50)
     p.add_argument("--rss-large", type=int, default=500)
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    p.add_argument("--no-rss", action="store_true", help="skip the memory runs")
     args = p.parse_args()
 
     os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
@@ -159,7 +160,7 @@ def main() -> None:
             ips, peak = job(cfg, actors, root / f"out-{actors}")
             results[f"job_{actors}_actor_images_per_s"] = ips
             print(json.dumps({"actors": actors, "images_per_s": ips, "peak_worker_rss_anon_mb": peak / 2**20}), flush=True)
-        for n in (args.rss_small, args.rss_large):
+        for n in () if args.no_rss else (args.rss_small, args.rss_large):
             make_inputs(root / f"small{n}", n, (256, 256))
             small = config.replace(cfg, shard=config.replace(cfg.shard, input=str(root / f"small{n}"),
                                                              samples_per_shard=16, batch_size=4))
@@ -174,9 +175,10 @@ def main() -> None:
     bare = results["bare_loop_images_per_s"]
     print(f"SUMMARY images/s bare {bare:.3f}, job 1 actor {results['job_1_actor_images_per_s']:.3f} "
           f"({results['job_1_actor_images_per_s'] / bare:.2f}x), 2 actors {results['job_2_actor_images_per_s']:.3f} "
-          f"({results['job_2_actor_images_per_s'] / results['job_1_actor_images_per_s']:.2f}x of 1 actor); "
-          f"peak worker RssAnon {results[f'rss_{args.rss_small}_images_peak_mb']:.0f} MB at {args.rss_small} vs "
-          f"{results[f'rss_{args.rss_large}_images_peak_mb']:.0f} MB at {args.rss_large} images")
+          f"({results['job_2_actor_images_per_s'] / results['job_1_actor_images_per_s']:.2f}x of 1 actor)")
+    if not args.no_rss:
+        print(f"SUMMARY peak worker RssAnon {results[f'rss_{args.rss_small}_images_peak_mb']:.0f} MB at "
+              f"{args.rss_small} vs {results[f'rss_{args.rss_large}_images_peak_mb']:.0f} MB at {args.rss_large} images")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,10 @@ from PIL import Image, ImageDraw
 
 from samsr import config as config_mod
 from samsr import images, metrics
-from samsr.data import lr_upsampled, prepare_sample
+from samsr.data import lr_upsampled, lrup_maps, prepare_sample
 from samsr.diffusion.samnoise import whole_image_stats
 from samsr.infer import super_resolve_image
 from samsr.loop import pretrain_rrdb, train
-from samsr.structure.masks import coverage
 from samsr.structure.segmenters import build_segmenter
 
 TRAIN_PHOTOS = ("astronaut", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
@@ -47,6 +46,17 @@ def side_by_side(panels: Sequence[tuple[str, np.ndarray]]) -> Image.Image:
         sheet.paste(Image.fromarray(img), (i * w, 18))
         draw.text((i * w + 4, 3), label, fill="black")
     return sheet
+
+
+def samsr_inputs(y_up: np.ndarray, segmenter, soft: bool = False) -> dict:
+    """The SAMSR student's inference inputs from y↑ (H,W,3) uint8: SAM's coverage map (and soft noise
+    scale) plus their whole-image statistics, as keyword arguments of `infer.super_resolve_image`
+    (statistics come from the whole image also when tiling, METHOD.md §B)."""
+    cover, noise_scale = lrup_maps(y_up, segmenter, soft)
+    maps = {} if noise_scale is None else {"noise_scale": torch.from_numpy(noise_scale)[None, None]}
+    cover_max, noise_rms = whole_image_stats(cover, noise_scale)
+    return {"cover": torch.from_numpy(cover.astype(np.float32))[None, None], "maps": maps,
+            "stats": {"cover_max": torch.tensor([cover_max]), "noise_rms": torch.tensor([noise_rms])}}
 
 
 def _printer(stage: str):
@@ -81,7 +91,8 @@ def run(method: str = "samdiffsr", out_dir: str | Path = "demo-output", override
 
     segmenter = build_segmenter(cfg.segmenter)
     print(f"segmenter: {segmenter.id}" + ("" if segmenter.is_sam else "  (fallback, not SAM)"), flush=True)
-    samples = [prepare_sample(name, bundled_photo(name), scale, segmenter) for name in TRAIN_PHOTOS]
+    soft = method == "samsr" and cfg.resshift.soft_masks
+    samples = [prepare_sample(name, bundled_photo(name), scale, segmenter, soft_masks=soft) for name in TRAIN_PHOTOS]
     hr = images.crop_to_multiple(bundled_photo(HELD_OUT), scale)
     lr = images.make_lr(hr, scale)
     lr_t = images.to_tensor(lr)[None]
@@ -103,13 +114,9 @@ def run(method: str = "samdiffsr", out_dir: str | Path = "demo-output", override
         scfg = config_mod.load("samsr-student-tiny", overrides)
         student = SamsrStudent.from_teacher(teacher, scfg)
         train(student, samples, scfg, seed, iterations, log=_printer("student"))
-        cover = coverage([r.segmentation for r in segmenter.segment(panels[0][1])], hr.shape[:2])
-        cover_t = torch.from_numpy(cover.astype(np.float32))[None, None]
-        cover_max, noise_rms = whole_image_stats(cover)   # per whole image, also when tiling (METHOD.md §B)
-        stats = {"cover_max": torch.tensor([cover_max]), "noise_rms": torch.tensor([noise_rms])}
         sr_teacher = super_resolve_image(teacher, lr_t, cfg.infer, seed=seed)
         panels.append(("teacher (15 steps)", images.to_uint8(sr_teacher)[0]))
-        sr = super_resolve_image(student, lr_t, scfg.infer, seed=seed, cover=cover_t, stats=stats)
+        sr = super_resolve_image(student, lr_t, scfg.infer, seed=seed, **samsr_inputs(panels[0][1], segmenter, soft))
         panels.append(("SAMSR (1 step)", images.to_uint8(sr)[0]))
     panels.append(("HR", hr))
 

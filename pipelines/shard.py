@@ -30,7 +30,7 @@ from samsr.shards import process
 MEMBER_COLUMNS = {name: "m_" + name.replace(".", "_") for name in fmt.MEMBERS_HR + fmt.MEMBERS_LRUP}
 ENV_PREFIXES = ("AWS_", "SAMSR_")
 ENV_NAMES = ("NO_PROXY", "no_proxy")
-DECODE_MEMORY = 512 * 2**20   # bytes reserved per decode task (a worker with torch loaded: ~400 MiB)
+DECODE_MEMORY = 768 * 2**20   # bytes reserved per decode task: a 2040x1356 decode peaked at 530-565 MiB
 
 
 def worker_env() -> dict[str, str]:

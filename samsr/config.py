@@ -92,6 +92,7 @@ class ResShiftConfig:
     loss_gt: float = 1.0
     loss_semantic: float = 0.0          # 0 = off (the SAM image encoder is not loaded)
     teacher: str = ""                   # teacher checkpoint (student stage): path or s3:// URI
+    space: str = "pixel"                # encoder/decoder pair the diffusion runs in (diffusion/space.py)
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,13 @@ def super_resolve_image(method: SRMethod, lr: Tensor, cfg: InferConfig, *, cover
     statistics must come from the whole image, METHOD.md §B). `seed` defaults to cfg.seed.
     """
     s = method.scale
-    field = NoiseField(cfg.seed if seed is None else seed, (1, 3, lr.shape[2] * s, lr.shape[3] * s),
+    space = getattr(method, "space", None)      # SAMSR may diffuse on a code grid (diffusion/space.py)
+    channels, factor = (space.channels, space.factor) if space is not None else (3, 1)
+    if factor > 1 and cfg.tile and (cfg.tile * s % factor or cfg.overlap * s % factor):
+        raise ValueError(f"infer.tile={cfg.tile} and infer.overlap={cfg.overlap} times the scale {s} must be "
+                         f"multiples of the space's factor {factor}")
+    h, w = lr.shape[2] * s, lr.shape[3] * s
+    field = NoiseField(cfg.seed if seed is None else seed, (1, channels, h // factor, w // factor),
                        lr.device, lr.dtype)
     maps = {**(maps or {}), **({} if cover is None else {"cover": cover})}
     stats = dict(stats or {})
@@ -150,6 +156,7 @@ def super_resolve_image(method: SRMethod, lr: Tensor, cfg: InferConfig, *, cover
     def sr_fn(tiles: Tensor, boxes_hr: list[Box]) -> Tensor:
         kwargs = {name: _cut(m, boxes_hr) for name, m in maps.items()}
         kwargs.update({name: v.reshape(1).repeat(len(boxes_hr)) for name, v in stats.items()})
-        return method.super_resolve(tiles, noise_fn=lambda step: field.crop(step, boxes_hr), **kwargs)
+        boxes_code = [tuple(c // factor for c in box) for box in boxes_hr]
+        return method.super_resolve(tiles, noise_fn=lambda step: field.crop(step, boxes_code), **kwargs)
 
     return tiled_super_resolve(sr_fn, lr, s, cfg.tile, cfg.overlap, cfg.tile_batch)

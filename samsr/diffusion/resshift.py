@@ -124,15 +124,17 @@ class ResShiftScheduler:
 # ---------------------------------------------------------------- network, loss, sampler
 
 class Denoiser(nn.Module):
-    """x̂ = y↑ + UNet([x_in, y↑], t); the last layer starts at zero, so an untrained model returns y↑."""
+    """x̂ = y↑ + UNet([x_in, y↑], t); the last layer starts at zero, so an untrained model returns y↑.
 
-    def __init__(self, unet: UNetConfig) -> None:
+    `channels` is the channel count of the space the diffusion runs in (3 in pixel space)."""
+
+    def __init__(self, unet: UNetConfig, channels: int = 3) -> None:
         super().__init__()
-        self.unet = UNet(6, 3, base=unet.base, mults=unet.mults, blocks_per_level=unet.blocks_per_level,
+        self.unet = UNet(2 * channels, channels, base=unet.base, mults=unet.mults, blocks_per_level=unet.blocks_per_level,
                          dropout=unet.dropout, zero_init_out=True)
 
     def forward(self, x_in: Tensor, y_up: Tensor, t: Tensor | float) -> Tensor:
-        """x_in (already scaled) and y↑ (B,3,H,W), t (B,) or a float -> x̂ (B,3,H,W)."""
+        """x_in (already scaled) and y↑ (B,C,H,W), t (B,) or a float -> x̂ (B,C,H,W)."""
         if not torch.is_tensor(t):
             t = torch.full((x_in.shape[0],), float(t), device=x_in.device)
         return y_up + self.unet(torch.cat([x_in, y_up], 1), t.float())

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from samsr.config import Config, ResShiftConfig
 from samsr.diffusion.resshift import Denoiser, ResShiftScheduler, sample, standard_normal, teacher_loss
 from samsr.diffusion.samnoise import hard_noise_scale, image_stats, pixelwise_weight, sam_noise
+from samsr.diffusion.space import Space, build_space
 from samsr.images import to_uint8, upscale
 from samsr.method import NoiseFn
 from samsr.structure.masks import coverage
@@ -101,24 +102,29 @@ def build_sam_embedding(cfg: Config) -> SamEmbedding:
 # ---------------------------------------------------------------- teacher
 
 class ResShiftTeacher(nn.Module):
-    """Plain ResShift (METHOD.md §B teacher): uniform schedule, Gaussian ε, x-prediction, L2."""
+    """Plain ResShift (METHOD.md §B teacher): uniform schedule, Gaussian ε, x-prediction, L2 — in `space`
+    (pixel space by default: HR and y↑ are encoded, the sampler's output decoded)."""
 
-    def __init__(self, net: Denoiser, rs: ResShiftConfig, scale: int = 4) -> None:
+    def __init__(self, net: Denoiser, rs: ResShiftConfig, scale: int = 4, space: Space | None = None) -> None:
         super().__init__()
         self.net, self.rs, self.scale = net, rs, scale
+        self.space = build_space(rs.space) if space is None else space
         self.scheduler = ResShiftScheduler.from_config(rs)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ResShiftTeacher":
         """An untrained teacher from cfg.unet, cfg.resshift, cfg.data.scale (returns bicubic until trained)."""
-        return cls(Denoiser(cfg.unet), cfg.resshift, cfg.data.scale)
+        space = build_space(cfg.resshift.space)
+        return cls(Denoiser(cfg.unet, space.channels), cfg.resshift, cfg.data.scale, space)
 
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return self.net.parameters()
 
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         """L2(x̂, x) at t ~ U{1..T} on batch hr (B,3,H,W), lr (B,3,H/s,W/s); no SAM (uniform schedule)."""
-        loss = teacher_loss(self.net, self.scheduler, batch["hr"], upscale(batch["lr"], self.scale), generator)
+        x = self.space.encode(batch["hr"])
+        y = self.space.encode(upscale(batch["lr"], self.scale))
+        loss = teacher_loss(self.net, self.scheduler, x, y, generator)
         return loss, {"loss": float(loss.detach())}
 
     @torch.no_grad()
@@ -128,15 +134,17 @@ class ResShiftTeacher(nn.Module):
         """(B,3,h,w) in [-1,1] -> (B,3,h*s,w*s) in [-1,1]: T-step ResShift sampling (ancestral by default,
         the k,m,j step with `deterministic`; the prior noise is drawn either way). `cover` is ignored:
         the plain teacher has no SAM prior."""
-        y_up = upscale(lr, self.scale)
-        return sample(self.net, y_up, self.scheduler, deterministic=deterministic, noise_fn=noise_fn,
-                      generator=generator)
+        y = self.space.encode(upscale(lr, self.scale))
+        code = sample(self.net, y, self.scheduler, deterministic=deterministic, noise_fn=noise_fn,
+                      generator=generator, clip=self.space.clip)
+        return self.space.decode(code).clamp(-1, 1)
 
 
 # ---------------------------------------------------------------- student
 
 class SamsrStudent(nn.Module):
-    """One-step SAMSR (METHOD.md §B student): x̂ = f(x_T, T), x_T = y↑ + κ' √η'_T ε_sam.
+    """One-step SAMSR (METHOD.md §B student): x̂ = f(x_T, T), x_T = y↑ + κ' √η'_T ε_sam, in `space`
+    (pixel space by default; the SAM maps are pooled onto the code grid, the output decoded).
 
     Holds the trainable `net` and a frozen copy of the teacher (`teacher`) for distillation targets;
     both are in the state_dict, so a student checkpoint alone resumes training. The optional SAM
@@ -144,9 +152,11 @@ class SamsrStudent(nn.Module):
     """
 
     def __init__(self, net: Denoiser, teacher: Denoiser, rs: ResShiftConfig, scale: int = 4,
-                 embed: SamEmbedding | None = None, segment: Segment | None = None) -> None:
+                 embed: SamEmbedding | None = None, segment: Segment | None = None,
+                 space: Space | None = None) -> None:
         super().__init__()
         self.net, self.teacher, self.rs, self.scale = net, teacher, rs, scale
+        self.space = build_space(rs.space) if space is None else space
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.scheduler = ResShiftScheduler.from_config(rs)
@@ -170,7 +180,9 @@ class SamsrStudent(nn.Module):
         encoder is built only when cfg.resshift.loss_semantic > 0 and none is passed."""
         if embed is None and cfg.resshift.loss_semantic > 0:
             embed = build_sam_embedding(cfg)
-        student = cls(Denoiser(cfg.unet), Denoiser(cfg.unet), cfg.resshift, cfg.data.scale, embed, segment)
+        space = build_space(cfg.resshift.space)
+        student = cls(Denoiser(cfg.unet, space.channels), Denoiser(cfg.unet, space.channels), cfg.resshift,
+                      cfg.data.scale, embed, segment, space)
         if load_teacher and cfg.resshift.teacher:
             student.load_teacher(teacher_state(cfg.resshift.teacher, cfg))
         return student
@@ -191,7 +203,8 @@ class SamsrStudent(nn.Module):
 
     def prior(self, y_up: Tensor, noise: Tensor, cover: Tensor | None, cover_max: Tensor | None = None,
               noise_rms: Tensor | None = None, noise_scale: Tensor | None = None) -> tuple[Tensor, ResShiftScheduler]:
-        """x_T = y↑ + κ' √η'_T ε_sam and the (pixel-wise) scheduler; y↑, noise (B,3,H,W), cover (B,1,H,W) >= 1.
+        """x_T = y↑ + κ' √η'_T ε_sam and the (pixel-wise) scheduler, on the code grid of `space`:
+        y↑, noise (B,C,h,w) codes; cover (B,1,H,W) >= 1 and noise_scale at pixel resolution.
 
         cover None means background only (C ≡ 1): ε_sam is then plain Gaussian noise and κ' = 0.8κ.
         cover_max / noise_rms (B,) are whole-image statistics; when None, `cover` is taken to be the
@@ -199,13 +212,15 @@ class SamsrStudent(nn.Module):
         """
         if cover is None:
             log.info("SAMSR prior without a cover map: C ≡ 1 (background only), so SAM-Noise is plain noise")
-            cover = y_up.new_ones((y_up.shape[0], 1, *y_up.shape[2:]))
+            f = self.space.factor
+            cover = y_up.new_ones((y_up.shape[0], 1, y_up.shape[2] * f, y_up.shape[3] * f))
         cover = cover.to(y_up)
         if (cover_max is None) != (noise_rms is None):
             raise ValueError("pass both cover_max and noise_rms (whole-image statistics) or neither")
         if cover_max is None:
             cover_max, noise_rms = image_stats(cover, noise_scale)
         scale = hard_noise_scale(cover) if noise_scale is None else noise_scale.to(y_up)
+        cover, scale = self.space.to_grid(cover), self.space.to_grid(scale)
         scheduler = self.scheduler
         if self.rs.pixelwise:
             scheduler = scheduler.pixelwise(pixelwise_weight(cover, cover_max, self.rs.weight_divisor))
@@ -233,29 +248,30 @@ class SamsrStudent(nn.Module):
         if cover is not None and ("cover_max" not in batch or "noise_rms" not in batch):
             raise ValueError("batch has 'cover' but not 'cover_max'/'noise_rms'; compute them on the whole image "
                              "with samnoise.whole_image_stats before cropping")
-        y_up = upscale(batch["lr"], self.scale)
-        noise = torch.randn(hr.shape, generator=generator, device=generator.device).to(hr)
+        space = self.space
+        x, y_up = space.encode(hr), space.encode(upscale(batch["lr"], self.scale))
+        noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x)
         x_T, scheduler = self.prior(y_up, noise, cover, batch.get("cover_max"), batch.get("noise_rms"),
                                     batch.get("noise_scale"))
         with torch.no_grad():       # target x̃: the teacher's deterministic T-step output from x_T
-            x_tilde = sample(self.teacher, y_up, scheduler, x_T=x_T, deterministic=True)
-            z = self._inverse(hr, y_up)                     # sg(f⁻¹(x))
+            x_tilde = sample(self.teacher, y_up, scheduler, x_T=x_T, deterministic=True, clip=space.clip)
+            z = self._inverse(x, y_up)                      # sg(f⁻¹(x))
         pred = self._forward(x_T, y_up, scheduler)
         terms = {"loss_distill": F.mse_loss(pred, x_tilde),
                  "loss_inverse": F.mse_loss(self._inverse(x_tilde, y_up), x_T),
-                 "loss_gt": F.mse_loss(self._forward(z, y_up, scheduler), hr)}
+                 "loss_gt": F.mse_loss(self._forward(z, y_up, scheduler), x)}
         weights = {"loss_distill": rs.loss_distill, "loss_inverse": rs.loss_inverse, "loss_gt": rs.loss_gt}
         if rs.loss_semantic > 0:
             if self.embed is None:
                 raise ValueError("resshift.loss_semantic > 0 but the student has no SAM encoder; build it with "
                                  "SamsrStudent.from_config (which loads it) or pass embed=SamEmbedding(sam)")
             self.embed.to(hr.device)
-            terms["loss_semantic"] = semantic_loss(self.embed, pred, hr)
+            terms["loss_semantic"] = semantic_loss(self.embed, space.decode(pred), hr)
             weights["loss_semantic"] = rs.loss_semantic
         loss = sum(weights[k] * v for k, v in terms.items())
         metrics = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
         if self.segment is not None:
-            metrics["mask_count_mse"] = mask_count_mse(pred.detach(), hr, self.segment)
+            metrics["mask_count_mse"] = mask_count_mse(space.decode(pred.detach()), hr, self.segment)
         return loss, metrics
 
     @torch.no_grad()
@@ -270,10 +286,10 @@ class SamsrStudent(nn.Module):
         Tiles must pass the whole image's cover_max and noise_rms (B,); without them `cover` is taken
         to be the whole image.
         """
-        y_up = upscale(lr, self.scale)
+        y_up = self.space.encode(upscale(lr, self.scale))
         noise = standard_normal(y_up, self.scheduler.num_timesteps, noise_fn, generator)
         x_T, scheduler = self.prior(y_up, noise, cover, cover_max, noise_rms, noise_scale)
-        return self._forward(x_T, y_up, scheduler).clamp(-1, 1)
+        return self.space.decode(self._forward(x_T, y_up, scheduler)).clamp(-1, 1)
 
 
 def teacher_state(uri: str, cfg: Config) -> dict[str, Tensor]:
