@@ -28,6 +28,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_overrides(flags: dict, explicit: Sequence[str]) -> list[str]:
+    """Flags that were given -> `key=value` overrides, then the explicit `--set`s (they win).
+    JSON scalars are YAML, so paths like `123` or `yes` stay strings."""
+    return [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + list(explicit)
+
+
 def shard_overrides(args: argparse.Namespace) -> list[str]:
     """`samsr shard` flags -> `--set` overrides (segmenter.*, data.scale, shard.*), explicit --set last."""
     flags = {"shard.input": args.input, "shard.output": args.output, "segmenter.kind": args.segmenter,
@@ -36,8 +42,7 @@ def shard_overrides(args: argparse.Namespace) -> list[str]:
              "shard.actors": args.actors, "shard.gpus_per_actor": args.gpus_per_actor,
              "shard.batch_size": args.batch_size, "shard.limit": args.limit,
              "shard.lrup_masks": False if args.no_lrup_masks else None}
-    # JSON scalars are YAML, so paths like `123` or `yes` stay strings
-    return [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    return _as_overrides(flags, args.overrides)
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
@@ -48,6 +53,22 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         return 2
     stats = shard.run(config_mod.load(args.config, shard_overrides(args)), dry_run=args.dry_run)
     return 0 if args.dry_run or stats["ok"] > 0 or stats["images_planned"] == 0 else 1
+
+
+def train_overrides(args: argparse.Namespace) -> list[str]:
+    """`samsr train` flags -> `--set` overrides (job.*, train.iterations), explicit --set last."""
+    flags = {"job.shards": args.shards, "job.storage": args.storage, "job.name": args.name,
+             "job.num_workers": args.num_workers, "job.use_gpu": True if args.use_gpu else None,
+             "job.experiment": args.experiment, "job.tracking_uri": args.tracking_uri,
+             "train.iterations": args.iterations}
+    return _as_overrides(flags, args.overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pipelines import train
+
+    train.run(config_mod.load(args.config, train_overrides(args)))
+    return 0
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -98,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segment a small sample, print images/s per actor and the estimated bytes, "
                         "wall time and GPU-hours; writes nothing")
     p.set_defaults(func=_cmd_shard)
+
+    p = sub.add_parser("train", help="train on shards with Ray Train (DDP), logging to MLflow; rerun to resume")
+    _add_config_args(p, default="samdiffsr")
+    p.add_argument("--shards", default=None, help="folder or s3:// prefix that `samsr shard` wrote")
+    p.add_argument("--storage", default=None, help="folder or s3:// prefix for Ray Train checkpoints (shared "
+                                                     "storage on a multi-node cluster)")
+    p.add_argument("--name", default=None, help="run name (default: the config's); same name + storage resumes")
+    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default 1)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default samsr)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow server (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--iterations", type=int, default=None, help="training steps (default: the config's)")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("presets", help="list the config presets shipped with the package")
     p.set_defaults(func=_cmd_presets)

@@ -119,20 +119,42 @@ def start_process(name: str, argv: Sequence[str], ready_check: Callable[[], bool
                        f"log {log_path}:\n{_log_tail(log_path)}")
 
 
-def start_moto(workdir: Path, port: int | None = None, timeout: float = 60.0) -> Service:
-    """An S3-compatible endpoint (moto_server) on 127.0.0.1; point AWS_ENDPOINT_URL at `.url`."""
-    script = venv_script("moto_server")
-    tries = 1 if port else 3          # a free port can be taken between free_port() and bind
+def _start_http_service(name: str, argv_for: Callable[[int], list[str]], ready_path: str, workdir: Path,
+                        port: int | None, timeout: float, env: Mapping[str, str] | None = None) -> Service:
+    """`start_process` for an HTTP server on 127.0.0.1:port (a free port unless given), retried on
+    another free port if the first was taken between `free_port()` and bind."""
+    tries = 1 if port else 3
     for attempt in range(tries):
         p = port or free_port()
         url = f"http://{HOST}:{p}"
         try:
-            return start_process("moto", [script, "-H", HOST, "-p", str(p)], http_ready(url), workdir,
-                                 url=url, timeout=timeout)
+            return start_process(name, argv_for(p), http_ready(url + ready_path), workdir, env=env, url=url,
+                                 timeout=timeout)
         except RuntimeError:
             if attempt == tries - 1:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def start_moto(workdir: Path, port: int | None = None, timeout: float = 60.0) -> Service:
+    """An S3-compatible endpoint (moto_server) on 127.0.0.1; point AWS_ENDPOINT_URL at `.url`."""
+    script = venv_script("moto_server")
+    return _start_http_service("moto", lambda p: [script, "-H", HOST, "-p", str(p)], "", workdir, port, timeout)
+
+
+def start_mlflow(workdir: Path, port: int | None = None, timeout: float = 120.0) -> Service:
+    """An MLflow tracking server on 127.0.0.1: sqlite backend and proxied artifacts under `workdir`,
+    one worker, job execution off (starts in ~5 s with ~0.5 GB). Point MLFLOW_TRACKING_URI at `.url`."""
+    workdir = Path(workdir).resolve()
+    script = venv_script("mlflow")
+
+    def argv(p: int) -> list[str]:
+        return [script, "server", "--host", HOST, "--port", str(p), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+                "--artifacts-destination", str(workdir / "artifacts")]
+
+    return _start_http_service("mlflow", argv, "/health", workdir, port, timeout,
+                               env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
 
 RAY_SOCKET_DIR_MAX = 40   # Ray's session dirs hold unix sockets (path limit ~107 chars): keep the root short

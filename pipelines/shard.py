@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipelines.rayenv import ensure_ray
 from samsr import config as config_mod
 from samsr import storage
 from samsr.config import Config
@@ -28,14 +29,7 @@ from samsr.shards import preview
 from samsr.shards import process
 
 MEMBER_COLUMNS = {name: "m_" + name.replace(".", "_") for name in fmt.MEMBERS_HR + fmt.MEMBERS_LRUP}
-ENV_PREFIXES = ("AWS_", "SAMSR_")
-ENV_NAMES = ("NO_PROXY", "no_proxy")
 DECODE_MEMORY = 768 * 2**20   # bytes reserved per decode task: a 2040x1356 decode peaked at 530-565 MiB
-
-
-def worker_env() -> dict[str, str]:
-    """Environment that Ray workers need (S3 endpoint + credentials); passed, never logged."""
-    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
 
 
 # ---------------------------------------------------------------- stage 1: read + decode (CPU tasks)
@@ -197,13 +191,6 @@ def _write_totals(cfg: Config, plan: plan_mod.Plan, written: int, images_now: in
              "config": config_mod.to_dict(cfg)}
     storage.write_bytes(storage.join(cfg.shard.output, "_stats.json"), fmt.dumps(stats))
     return stats
-
-
-def ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": worker_env()})
 
 
 def _stream(cfg: Config, plan: plan_mod.Plan, todo: list[int], writer: ShardWriter) -> None:

@@ -137,6 +137,23 @@ class ShardConfig:
 
 
 @dataclass(frozen=True)
+class JobConfig:
+    """The Ray Train job (`samsr train`, DESIGN.md "Training")."""
+    shards: str = ""                    # folder or s3:// prefix of the .tar shards (samsr shard's output)
+    storage: str = ""                   # Ray Train storage (checkpoints): folder or s3:// prefix
+    name: str = ""                      # run name; "" = the config's name. Same name + storage resumes
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0               # worker-group restarts from the latest checkpoint
+    keep_checkpoints: int = 3
+    experiment: str = "samsr"           # MLflow experiment
+    tracking_uri: str = ""              # MLflow server; "" = $MLFLOW_TRACKING_URI (none: no MLflow logging)
+    sample_pool: int = 16               # decoded samples held per worker; crops are drawn from the pool
+    crops_per_sample: int = 8           # crops drawn per sample while it is in the pool (on average)
+
+
+@dataclass(frozen=True)
 class Config:
     method: str = "samdiffsr"
     name: str = "samdiffsr"
@@ -149,6 +166,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
+    job: JobConfig = field(default_factory=JobConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -300,6 +318,6 @@ def replace(cfg: Any, **changes: Any) -> Any:
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "SegmenterConfig", "RRDBConfig", "UNetConfig",
-    "SamDiffSRConfig", "ResShiftConfig", "TrainConfig", "InferConfig", "ShardConfig", "METHODS", "SEGMENTERS",
+    "SamDiffSRConfig", "ResShiftConfig", "TrainConfig", "InferConfig", "ShardConfig", "JobConfig", "METHODS", "SEGMENTERS",
     "load", "from_dict", "to_dict", "flatten", "dump_yaml", "parse_override", "presets", "replace",
 ]

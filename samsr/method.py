@@ -33,3 +33,13 @@ class SRMethod(Protocol):
     def super_resolve(self, lr: Tensor, *, generator: torch.Generator | None = None,
                       noise_fn: NoiseFn | None = None, cover: Tensor | None = None) -> Tensor:
         """(B,3,h,w) in [-1,1] -> (B,3,h*s,w*s) in [-1,1]. `cover` (B,1,h*s,w*s): SAMSR only."""
+
+
+def build_method(cfg) -> SRMethod:
+    """An untrained model of `cfg.method` from its config (the student loads `resshift.teacher`)."""
+    from samsr.diffusion.samdiffsr import SamDiffSR
+    from samsr.diffusion.samsr import ResShiftTeacher, SamsrStudent
+
+    builders = {"samdiffsr": SamDiffSR.from_config, "samsr-teacher": ResShiftTeacher.from_config,
+                "samsr-student": SamsrStudent.from_config}
+    return builders[cfg.method](cfg)

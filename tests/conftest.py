@@ -51,6 +51,15 @@ def s3(tmp_path_factory):
             service.stop()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (sqlite backend, proxied artifacts) on 127.0.0.1 for the session; its URL."""
+    service = services.start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    try:
+        yield service.url
+    finally:
+        service.stop()
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():

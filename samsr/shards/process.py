@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -80,3 +80,24 @@ def process_image(uri: str, data: bytes, cfg: Config, segmenter, lrup_segmenter=
 
 
 __all__ = ["Decoded", "Failure", "decode_source", "image_members", "segment_members", "process_image"]
+
+
+def write_shards_in_process(sources: Sequence[tuple[str, bytes]], output: str, cfg: Config, segmenter,
+                            per_shard: int) -> list[str]:
+    """Shard (relative key, image bytes) pairs in this process, no Ray, no plan or manifest: the
+    samples the shard job would write, `per_shard` to a tar. For tests and benchmarks. Returns URIs."""
+    from samsr import storage
+    from samsr.shards.format import sample_key, tar_bytes
+    from samsr.shards.plan import shard_name
+
+    samples = []
+    for key, data in sources:
+        out = process_image(storage.join(output, "_src", key), data, cfg, segmenter)
+        if isinstance(out, Failure):
+            raise ValueError(f"{key}: {out.reason}: {out.message}")
+        samples.append((sample_key(key), out))
+    uris = []
+    for i in range(0, len(samples), per_shard):
+        uris.append(storage.join(output, shard_name(i // per_shard) + ".tar"))
+        storage.write_bytes(uris[-1], tar_bytes(samples[i:i + per_shard]))
+    return uris

@@ -1,0 +1,21 @@
+"""Connecting a job to Ray: the cluster `RAY_ADDRESS` names (or a local one), with the environment its
+workers need — S3 endpoint and credentials, MLflow server — passed along, never logged."""
+from __future__ import annotations
+
+import os
+
+ENV_PREFIXES = ("AWS_", "SAMSR_", "MLFLOW_")
+ENV_NAMES = ("NO_PROXY", "no_proxy")
+
+
+def worker_env() -> dict[str, str]:
+    """The variables Ray workers need (S3 endpoint + credentials, MLflow); passed, never logged."""
+    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
+
+
+def ensure_ray() -> None:
+    """Connect to $RAY_ADDRESS (a running cluster) or start a local Ray, unless already connected."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": worker_env()})

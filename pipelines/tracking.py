@@ -1,0 +1,107 @@
+"""MLflow logging for the train job, from rank 0 only (DESIGN.md "Training").
+
+A run gets the flattened config as params, metrics by step, sample grids LR↑|SR|HR, and the latest
+checkpoint as an artifact. Its id travels in our checkpoints, so a resumed Ray Train run reopens the
+same MLflow run. Without a tracking URI (`job.tracking_uri` or $MLFLOW_TRACKING_URI) nothing is
+logged and the job says so once. Credentials never reach params or logs: user:password in a URI is
+redacted, and MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD variables are read by its client.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from typing import Mapping
+
+import numpy as np
+
+from samsr import config as config_mod
+from samsr.config import Config
+
+log = logging.getLogger(__name__)
+
+PARAM_BATCH = 100            # MLflow accepts at most 100 params per log_batch call
+PARAM_VALUE_MAX = 6000
+
+
+def redact_uri(uri: str) -> str:
+    """scheme://user:secret@host -> scheme://***@host (anything else unchanged)."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]+@", r"\1***@", uri)
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.job.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
+def run_params(cfg: Config) -> dict[str, str]:
+    """The flattened config as MLflow params, URIs redacted, values cut to MLflow's limit."""
+    out = {}
+    for key, value in config_mod.flatten(cfg).items():
+        text = redact_uri(value) if isinstance(value, str) else str(value)
+        out[key] = text[:PARAM_VALUE_MAX]
+    return out
+
+
+class Tracker:
+    """One MLflow run; every method is a no-op when there is no tracking URI."""
+
+    def __init__(self, cfg: Config, run_name: str, run_id: str | None = None) -> None:
+        self.run_id: str | None = None
+        uri = tracking_uri(cfg)
+        if not uri:
+            log.warning("no MLflow tracking URI (job.tracking_uri or MLFLOW_TRACKING_URI): metrics are not logged")
+            self.client = None
+            return
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        if run_id:                          # resumed from a checkpoint: the same MLflow run goes on
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+            return
+        experiment_id = self._experiment(cfg.job.experiment)
+        run = self.client.create_run(experiment_id, run_name=run_name,
+                                     tags={"samsr.method": cfg.method, "samsr.config": cfg.name,
+                                           "samsr.ray_train_name": run_name})
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in run_params(cfg).items()]
+        for i in range(0, len(params), PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=params[i:i + PARAM_BATCH])
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:                   # created meanwhile by a concurrent run
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def metrics(self, step: int, values: Mapping[str, float]) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def image(self, image: np.ndarray, artifact_file: str) -> None:
+        if self.client is not None:
+            self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def artifact(self, local_path: str, artifact_path: str) -> None:
+        if self.client is not None:
+            self.client.log_artifact(self.run_id, local_path, artifact_path)
+
+    def finish(self, ok: bool) -> None:
+        if self.client is not None:
+            self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
+
+
+__all__ = ["Tracker", "redact_uri", "run_params", "tracking_uri"]

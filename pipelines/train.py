@@ -1,0 +1,289 @@
+"""`samsr train`: distributed training on the shards with Ray Train, rank 0 logging to MLflow.
+
+A `TorchTrainer` runs `train_loop` on `job.num_workers` workers (DDP; gloo on CPU, NCCL on GPU). Each
+worker streams batches from its share of the shards (`samsr.shards.stream`), calls the same
+`samsr.train_step` as the plain loop, and every `train.checkpoint_every` steps rank 0 writes a samsr
+checkpoint (model + config, loadable weights-only) with the optimizer state and the MLflow run id.
+Ray Train keeps checkpoints under `job.storage`/`job.name`; running again with the same name and
+storage resumes from the latest one and continues the same MLflow run. SAM-DiffSR first pretrains its
+RRDB (`train.rrdb_iterations`), then trains the diffusion (`train.iterations`).
+
+    samsr train --config samsr-teacher --set job.shards=s3://bucket/shards --set job.storage=s3://bucket/runs
+    python -m pipelines.train --config ... --set ...        # the same, as a `ray job submit` entrypoint
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pipelines.rayenv import ensure_ray
+from pipelines.tracking import Tracker
+from samsr import config as config_mod
+from samsr import images, storage
+from samsr.checkpoint import load_checkpoint, save_checkpoint
+from samsr.config import Config
+from samsr.method import build_method
+from samsr.shards import stream
+from samsr.train_step import batch_to, make_lr_schedule, make_optimizer, rrdb_pretrain_step, train_step
+
+MODEL_FILE = "model.pt"          # samsr checkpoint (samsr.checkpoint): what `upscale` and users load
+RESUME_FILE = "resume.pt"        # optimizer + lr schedule state, weights-only loadable
+
+
+class LossModule(torch.nn.Module):
+    """Wraps a method so DDP sees one forward per step: forward(batch, generator) = method.loss(...)."""
+
+    def __init__(self, method: torch.nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch: dict, generator: torch.Generator):
+        return self.method.loss(batch, generator)
+
+
+class _ViaModule:
+    """The `loss` interface of samsr.train_step over a (possibly DDP-wrapped) LossModule."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def loss(self, batch: dict, generator: torch.Generator):
+        return self.module(batch, generator)
+
+
+def per_worker_batch(cfg: Config) -> int:
+    """train.batch_size is the global batch; each of job.num_workers workers takes an equal part."""
+    n = cfg.job.num_workers
+    if n < 1 or cfg.train.batch_size % n:
+        raise config_mod.ConfigError(f"train.batch_size={cfg.train.batch_size} must split evenly over "
+                                     f"job.num_workers={n}")
+    return cfg.train.batch_size // n
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.job.name or cfg.name
+
+
+def stages(cfg: Config) -> list[tuple[str, int]]:
+    """(stage, steps) in order: SAM-DiffSR pretrains the RRDB first."""
+    rrdb = [("rrdb", cfg.train.rrdb_iterations)] if cfg.method == "samdiffsr" and cfg.train.rrdb_iterations else []
+    return rrdb + [("diffusion", cfg.train.iterations)]
+
+
+def sample_grid(method, batch: dict, seed: int) -> np.ndarray:
+    """LR↑ | SR | HR of the first crop of `batch` (+ the structure map for SAM-DiffSR), RGB8."""
+    one = {k: v[:1] for k, v in batch.items()}
+    extra = {}
+    if "cover" in one and hasattr(method, "prior"):        # the SAMSR student's SAM-Noise prior
+        extra = {"cover": one["cover"], "cover_max": one["cover_max"], "noise_rms": one["noise_rms"]}
+    was_training = method.training
+    method.eval()
+    with torch.no_grad():
+        sr = method.super_resolve(one["lr"], generator=torch.Generator(one["lr"].device).manual_seed(seed), **extra)
+    method.train(was_training)
+    panels = [images.upscale(one["lr"], method.scale), sr, one["hr"]]
+    if "spe" in one and method.__class__.__name__ == "SamDiffSR":
+        spe = one["spe"] / one["spe"].abs().amax().clamp_min(1e-6)
+        panels.append(spe.expand(-1, 3, -1, -1))
+    return np.concatenate([images.to_uint8(p.float().cpu())[0] for p in panels], axis=1)
+
+
+def _replica_spread(params: list[torch.Tensor], world: int) -> float:
+    """max − min over workers of the parameter sum: 0 when DDP keeps the replicas identical."""
+    total = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).cpu()
+    if world == 1:
+        return 0.0
+    import torch.distributed as dist
+
+    hi, lo = total.clone(), -total.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MAX)
+    return float(hi + lo)
+
+
+def _save(method, cfg: Config, extra: dict, opt, sched, folder: Path) -> None:
+    save_checkpoint(str(folder / MODEL_FILE), {"model": method}, cfg, extra=extra)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None},
+               folder / RESUME_FILE)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """The per-worker function of the TorchTrainer."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_mod.from_dict(loop_config["cfg"])
+    fail_after = int(loop_config.get("fail_after_steps", 0))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)                      # identical init on every worker
+    method = build_method(cfg)
+
+    resume = {"stage": "", "step": 0, "mlflow_run_id": None}
+    optim_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            payload = load_checkpoint(str(Path(folder) / MODEL_FILE))
+            method.load_state_dict(payload["state"]["model"])
+            resume.update(payload["extra"])
+            optim_state = torch.load(Path(folder) / RESUME_FILE, map_location="cpu", weights_only=True)
+    method.to(device)
+    tracker = Tracker(cfg, run_name(cfg), resume["mlflow_run_id"]) if rank == 0 else None
+    uris = stream.rank_shards(stream.list_shards(cfg.job.shards), rank, world)
+    ok = False
+    try:
+        order = [s for s, _ in stages(cfg)]
+        start_stage = order.index(resume["stage"]) if resume["stage"] in order else 0
+        for index, (stage, steps) in enumerate(stages(cfg)):
+            if index < start_stage:
+                continue
+            first = resume["step"] + 1 if index == start_stage and resume["stage"] == stage else 1
+            _run_stage(stage, steps, first, method, cfg, uris, rank, world, device, tracker,
+                       optim_state if first > 1 else None, fail_after)
+            optim_state = None
+        ok = True
+    finally:
+        if tracker is not None:
+            tracker.finish(ok)
+
+
+def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, uris: list[str], rank: int, world: int,
+               device: torch.device, tracker: Tracker | None, optim_state: dict | None, fail_after: int) -> None:
+    import ray.train
+    import ray.train.torch
+
+    tc = cfg.train
+    if stage == "rrdb":
+        module = method.rrdb
+        module.requires_grad_(True)
+        module.train()
+        opt, sched = make_optimizer(module.parameters(), tc.rrdb_lr), None
+    else:
+        if cfg.method == "samdiffsr":
+            method.rrdb.requires_grad_(False)
+        method.train()
+        module = LossModule(method)
+        opt = make_optimizer(method.trainable_parameters(), tc.lr)
+        sched = make_lr_schedule(opt, tc)
+    if optim_state is not None:
+        opt.load_state_dict(optim_state["optimizer"])
+        if sched is not None and optim_state["scheduler"] is not None:
+            sched.load_state_dict(optim_state["scheduler"])
+    wrapped = ray.train.torch.prepare_model(module, move_to_device=False) if world > 1 else module
+    params = [p for p in module.parameters() if p.requires_grad]
+    batches = stream.batches(uris, batch_size=per_worker_batch(cfg), hr_crop=cfg.data.hr_crop, scale=cfg.data.scale,
+                             seed=tc.seed + 7919 * first, rank=rank, pool=cfg.job.sample_pool,
+                             crops_per_sample=cfg.job.crops_per_sample, flips=cfg.data.flips,
+                             need_cover=cfg.method == "samsr-student")
+    generator = torch.Generator(device).manual_seed(tc.seed * 1009 + rank * 7 + first)
+    preview = batch_to(next(batches), device) if rank == 0 and stage != "rrdb" else None
+    t0, seen = time.perf_counter(), 0
+    for step in range(first, steps + 1):
+        batch = batch_to(next(batches), device)
+        if stage == "rrdb":
+            metrics = rrdb_pretrain_step(wrapped, opt, batch)
+        else:
+            metrics = train_step(_ViaModule(wrapped), opt, batch, generator, tc.grad_clip, tc.bf16)
+            sched.step()
+        seen += batch["hr"].shape[0] * world
+        is_last = step == steps
+        if step % tc.log_every == 0 or is_last:
+            values = {f"{stage}/{k}" if stage == "rrdb" else k: v for k, v in metrics.items()}
+            values["lr" if stage != "rrdb" else "rrdb/lr"] = opt.param_groups[0]["lr"]
+            values["samples_per_s"] = seen / (time.perf_counter() - t0)
+            if tracker is not None:
+                tracker.metrics(step, values)
+        if step % tc.checkpoint_every == 0 or is_last:
+            spread = _replica_spread(params, world)
+            report = {"stage": stage, "step": step, "replica_param_spread": spread,
+                      "samples_per_s": seen / (time.perf_counter() - t0), **metrics}
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as folder:
+                    extra = {"stage": stage, "step": step, "mlflow_run_id": tracker.run_id if tracker else None}
+                    _save(method, cfg, extra, opt, sched, Path(folder))
+                    if tracker is not None:
+                        tracker.metrics(step, {"replica_param_spread": spread})
+                        tracker.artifact(str(Path(folder) / MODEL_FILE), "checkpoint")
+                        if preview is not None:
+                            tracker.image(sample_grid(method, preview, tc.seed), f"samples/step-{step:07d}.png")
+                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            else:
+                ray.train.report(report)
+        if fail_after and step == fail_after:
+            raise RuntimeError(f"test hook: failing after step {step} (fail_after_steps)")
+    if stage == "rrdb":
+        module.eval()
+        module.requires_grad_(False)
+
+
+def storage_target(uri: str) -> tuple[str, Any]:
+    """Ray Train's (storage_path, storage_filesystem) for a folder or s3:// prefix (endpoint from env)."""
+    if storage.is_s3(uri):
+        fs, path = storage.filesystem(uri)
+        return path, fs
+    return str(Path(uri).expanduser().resolve()), None
+
+
+def run(cfg: Config, *, fail_after_steps: int = 0, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train `cfg` on Ray (the cluster in RAY_ADDRESS, or a local one). Returns the final metrics,
+    the checkpoint URI and the MLflow run id."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not cfg.job.shards:
+        raise config_mod.ConfigError("job.shards: set it to the folder or s3:// prefix `samsr shard` wrote")
+    if not cfg.job.storage:
+        raise config_mod.ConfigError("job.storage: set a folder or s3:// prefix for Ray Train's checkpoints")
+    per_worker_batch(cfg)
+    n_shards = len(stream.list_shards(cfg.job.shards))
+    path, fs = storage_target(cfg.job.storage)
+    ensure_ray()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": config_mod.to_dict(cfg), "fail_after_steps": fail_after_steps},
+        scaling_config=ScalingConfig(num_workers=cfg.job.num_workers, use_gpu=cfg.job.use_gpu,
+                                     resources_per_worker={"CPU": cfg.job.cpus_per_worker}),
+        run_config=RunConfig(name=run_name(cfg), storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=cfg.job.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.job.keep_checkpoints)))
+    echo(f"samsr train: {cfg.method} '{run_name(cfg)}' on {cfg.job.num_workers} worker(s), {n_shards} shard(s), "
+         f"global batch {cfg.train.batch_size}")
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training '{run_name(cfg)}' ended without a checkpoint: {result.error}")
+    fs_path = result.checkpoint.path
+    uri = f"s3://{fs_path}" if fs is not None else fs_path
+    with result.checkpoint.as_directory() as folder:
+        run_id = load_checkpoint(str(Path(folder) / MODEL_FILE))["extra"].get("mlflow_run_id")
+    out = {"metrics": dict(result.metrics or {}), "checkpoint": storage.join(uri, MODEL_FILE), "mlflow_run_id": run_id}
+    echo(f"samsr train: done at step {out['metrics'].get('step')}; checkpoint {out['checkpoint']}"
+         + (f"; MLflow run {run_id}" if run_id else ""))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.train --config PRESET --set job.shards=... --set job.storage=...` (ray job submit)."""
+    p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="samdiffsr", help="preset name or YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. job.shards=s3://bucket/shards (repeatable)")
+    args = p.parse_args(argv)
+    run(config_mod.load(args.config, args.overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

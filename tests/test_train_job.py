@@ -1,0 +1,168 @@
+"""`samsr train` (pipelines/train.py): Ray Train with 2 DDP workers on shards, rank 0 logging to a real
+MLflow server, checkpoints under Ray Train storage, and resume after a failure into the same MLflow run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.demo import bundled_photo
+from samsr import config, storage
+from samsr.checkpoint import load_checkpoint
+from samsr.diffusion.samdiffsr import SamDiffSR
+from samsr.shards import stream
+from samsr.shards.process import write_shards_in_process
+from samsr.structure.segmenters import build_segmenter
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def photo_png(name: str) -> bytes:
+    """A 96x96 crop of a bundled photo as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(bundled_photo(name)[:96, :96]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    cfg = config.load("samsr-teacher-tiny", ["segmenter.kind=superpixel"])
+    write_shards_in_process([(f"{n}.png", photo_png(n)) for n in PHOTOS], str(folder), cfg,
+                            build_segmenter(cfg.segmenter), per_shard=2)
+    return folder
+
+
+def test_stream_reads_shards_into_batches(shards):
+    uris = stream.list_shards(str(shards))
+    assert [Path(u).name for u in uris] == ["shard-00000.tar", "shard-00001.tar"]
+    assert stream.rank_shards(uris, 1, 2) == [uris[1]] and stream.rank_shards(uris, 2, 3) == uris
+    it = stream.batches(uris, batch_size=3, hr_crop=32, scale=4, seed=0, pool=2, crops_per_sample=2)
+    first = next(it)
+    assert first["hr"].shape == (3, 3, 32, 32) and first["lr"].shape == (3, 3, 8, 8)
+    assert first["cover"].min() >= 1 and first["spe"].shape == (3, 1, 32, 32)
+    again = next(stream.batches(uris, batch_size=3, hr_crop=32, scale=4, seed=0, pool=2, crops_per_sample=2))
+    assert torch.equal(first["hr"], again["hr"])            # same seed, same batches
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        stream.list_shards(str(shards / "nothing-here"))
+
+
+def test_stream_errors_reach_the_training_loop(shards, tmp_path):
+    from samsr.shards import format as fmt
+
+    members = fmt.read_tar((shards / "shard-00000.tar").read_bytes())
+    key = sorted(members)[0]
+    cut = {k: v for k, v in members[key].items() if not k.startswith("lrup.")}
+    (tmp_path / "shard-00000.tar").write_bytes(fmt.tar_bytes([(key, cut)]))
+    ok = next(stream.batches([str(tmp_path / "shard-00000.tar")], batch_size=2, hr_crop=32, scale=4, seed=0, pool=1))
+    assert torch.equal(ok["cover"], torch.ones_like(ok["cover"]))      # no lrup.*: C ≡ 1 for SAM-DiffSR
+    with pytest.raises(ValueError, match="no lrup.. members"):        # raised in the prefetch thread
+        next(stream.batches([str(tmp_path / "shard-00000.tar")], batch_size=2, hr_crop=32, scale=4, seed=0,
+                            pool=1, need_cover=True))
+    del cut["hr.seg.png"]
+    (tmp_path / "shard-00001.tar").write_bytes(fmt.tar_bytes([(key, cut)]))
+    with pytest.raises(ValueError, match=r"lacks \['hr.seg.png'\]"):
+        next(stream.batches([str(tmp_path / "shard-00001.tar")], batch_size=2, hr_crop=32, scale=4, seed=0, pool=1))
+
+
+@pytest.mark.slow
+def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_server, shards, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipelines import train
+
+    cfg = config.load("samsr-teacher-tiny", [
+        f"job.shards={shards}", f"job.storage={tmp_path / 'runs'}", "job.name=resume-test",
+        "job.num_workers=2", f"job.tracking_uri={mlflow_server}", "job.experiment=train-job-test",
+        "job.sample_pool=2", "job.crops_per_sample=2", "train.iterations=6", "train.checkpoint_every=3",
+        "train.log_every=1", "train.batch_size=4", "train.num_threads=1", "data.hr_crop=32"])
+    with pytest.raises(Exception, match="fail_after_steps"):
+        train.run(cfg, fail_after_steps=4)
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("train-job-test")
+    (failed,) = client.search_runs([exp.experiment_id])
+    assert failed.info.status == "FAILED"
+    assert sorted(m.step for m in client.get_metric_history(failed.info.run_id, "loss")) == [1, 2, 3, 4]
+
+    out = train.run(cfg)                                   # same name + storage: resumes from step 3
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [failed.info.run_id] and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert out["mlflow_run_id"] == run.info.run_id
+    assert out["metrics"]["step"] == 6 and out["metrics"]["replica_param_spread"] == 0.0
+    assert run.data.params["job.num_workers"] == "2" and run.data.params["train.lr"] == "0.001"
+    assert run.data.params["job.tracking_uri"] == mlflow_server          # no credentials in it to redact
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6] and steps.count(4) == 2   # step 4 ran again after resume
+    spread = client.get_metric_history(run.info.run_id, "replica_param_spread")   # DDP kept replicas equal
+    assert sorted((m.step, m.value) for m in spread) == [(3, 0.0), (6, 0.0)]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert artifacts == {"samples/step-0000003.png", "samples/step-0000006.png"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/model.pt"]
+
+    payload = load_checkpoint(out["checkpoint"])
+    assert payload["config"].method == "samsr-teacher" and payload["extra"]["step"] == 6
+    assert payload["extra"]["mlflow_run_id"] == run.info.run_id
+    out_weight = payload["state"]["model"]["net.unet.conv_out.weight"]
+    assert float(out_weight.abs().sum()) > 0                 # trained away from its zero init
+    assert np.isfinite(float(out_weight.sum()))
+
+
+@pytest.mark.slow
+def test_samdiffsr_two_stages_with_shards_and_checkpoints_on_s3(ray_local, mlflow_server, shards, s3):
+    from mlflow import MlflowClient
+
+    from pipelines import train
+
+    bucket = s3.bucket("train-job")
+    for path in sorted(shards.glob("*.tar")):
+        storage.write_bytes(f"{bucket}/shards/{path.name}", path.read_bytes())
+    cfg = config.load("samdiffsr-tiny", [
+        f"job.shards={bucket}/shards", f"job.storage={bucket}/runs", "job.name=samdiffsr-s3",
+        "job.num_workers=2", f"job.tracking_uri={mlflow_server}", "job.experiment=train-job-samdiffsr",
+        "job.sample_pool=2", "train.rrdb_iterations=2", "train.iterations=2", "train.checkpoint_every=2",
+        "train.log_every=1", "train.batch_size=2", "train.num_threads=1", "data.hr_crop=32",
+        "samdiffsr.timesteps=4"])
+    out = train.run(cfg)
+    assert out["checkpoint"].startswith(f"{bucket}/runs/samdiffsr-s3/checkpoint_")
+    payload = load_checkpoint(out["checkpoint"])
+    assert payload["extra"]["stage"] == "diffusion" and payload["extra"]["step"] == 2
+    torch.manual_seed(cfg.train.seed)                         # the job's initialisation, untrained
+    init = SamDiffSR.from_config(cfg).state_dict()
+    trained = payload["state"]["model"]
+    for name in ("rrdb.conv_last.weight", "denoiser.conv_out.weight"):
+        assert trained[name].shape == init[name].shape and not torch.equal(trained[name], init[name]), name
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["method"] == "samdiffsr"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "rrdb/rrdb_l1")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert out["metrics"]["replica_param_spread"] == 0.0
+
+
+def test_cli_flags_map_to_config_overrides_and_bad_splits_are_refused():
+    from pipelines import cli, train
+    from pipelines.tracking import redact_uri, run_params
+
+    args = cli.build_parser().parse_args(
+        ["train", "--config", "samsr-teacher-tiny", "--shards", "s3://b/shards", "--storage", "s3://b/runs",
+         "--name", "r1", "--num-workers", "4", "--use-gpu", "--experiment", "e", "--tracking-uri", "http://h:5000",
+         "--iterations", "9", "--set", "train.batch_size=8"])
+    cfg = config.load(args.config, cli.train_overrides(args))
+    assert (cfg.job.shards, cfg.job.storage, cfg.job.name, cfg.job.num_workers) == ("s3://b/shards", "s3://b/runs", "r1", 4)
+    assert (cfg.job.use_gpu, cfg.job.experiment, cfg.job.tracking_uri, cfg.train.iterations) == (True, "e", "http://h:5000", 9)
+    assert train.per_worker_batch(cfg) == 2
+    with pytest.raises(config.ConfigError, match="train.batch_size=6 must split evenly over job.num_workers=4"):
+        train.per_worker_batch(config.replace(cfg, train=config.replace(cfg.train, batch_size=6)))
+    with pytest.raises(config.ConfigError, match="job.shards"):
+        train.run(config.load("samsr-teacher-tiny"))
+    assert redact_uri("https://alice:s3cret@mlflow.example:443/x") == "https://***@mlflow.example:443/x"
+    secret = config.replace(cfg, job=config.replace(cfg.job, tracking_uri="http://u:pw@h:5000"))
+    assert run_params(secret)["job.tracking_uri"] == "http://***@h:5000"
+    assert [s for s, _ in train.stages(config.load("samdiffsr-tiny"))] == ["rrdb", "diffusion"]
