@@ -19,3 +19,15 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": worker_env()})
+
+
+def entrypoint_parser(module: str, description: str, example: str):
+    """The argparse parser of a `python -m pipelines.<job>` entrypoint (what `ray job submit` runs):
+    `--config` preset or YAML and repeatable `--set key=value` overrides."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    p.add_argument("--config", default="samdiffsr", help="preset name or YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"config override, e.g. {example} (repeatable)")
+    return p

@@ -180,6 +180,22 @@ class RayHead(Service):
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_ADDRESS": self.url,
                 "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
+    def submit(self, entrypoint: Sequence[str], timeout: float = 600.0,
+               agent_wait: float = 90.0) -> subprocess.CompletedProcess:
+        """`ray job submit --address <head> -- <entrypoint>` with the token in the environment; waits
+        for the job and returns the finished CLI process. Retried while the head's job agent is still
+        coming up (it answers some seconds after the dashboard)."""
+        argv = [venv_script("ray"), "job", "submit", "--address", self.url, "--", *entrypoint]
+        env = {**os.environ, **self.client_env()}
+        deadline = time.monotonic() + agent_wait
+        while True:
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+            text = proc.stdout + proc.stderr
+            if proc.returncode == 0 or time.monotonic() > deadline or not (
+                    "No available agent" in text or "Connection" in text):
+                return proc
+            time.sleep(3)
+
 
 def ray_env(token: str) -> dict[str, str]:
     """Loopback-only, no usage stats, token auth with `token` (Ray 2.5x+: RAY_AUTH_MODE / RAY_AUTH_TOKEN)."""

@@ -8,7 +8,6 @@ when all its planned samples arrived. `python -m pipelines.shard` is the `ray jo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -18,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipelines.rayenv import ensure_ray
+from pipelines.rayenv import ensure_ray, entrypoint_parser
 from samsr import config as config_mod
 from samsr import storage
 from samsr.config import Config
@@ -240,10 +239,7 @@ def run(cfg: Config, *, dry_run: bool = False, fail_after_shards: int | None = N
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines.shard --config PRESET --set shard.input=... --set shard.output=...` (ray job submit)."""
-    p = argparse.ArgumentParser(prog="python -m pipelines.shard", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="samdiffsr", help="preset name or YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. shard.input=s3://bucket/images (repeatable)")
+    p = entrypoint_parser("pipelines.shard", __doc__.splitlines()[0], "shard.input=s3://bucket/images")
     p.add_argument("--dry-run", action="store_true", help="segment a small sample and print the plan only")
     args = p.parse_args(argv)
     run(config_mod.load(args.config, args.overrides), dry_run=args.dry_run)

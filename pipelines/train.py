@@ -13,7 +13,6 @@ RRDB (`train.rrdb_iterations`), then trains the diffusion (`train.iterations`).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipelines.rayenv import ensure_ray
+from pipelines.rayenv import ensure_ray, entrypoint_parser
 from pipelines.tracking import Tracker
 from samsr import config as config_mod
 from samsr import images, storage
@@ -275,10 +274,7 @@ def run(cfg: Config, *, fail_after_steps: int = 0, echo: Callable[[str], None] =
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines.train --config PRESET --set job.shards=... --set job.storage=...` (ray job submit)."""
-    p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="samdiffsr", help="preset name or YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. job.shards=s3://bucket/shards (repeatable)")
+    p = entrypoint_parser("pipelines.train", __doc__.splitlines()[0], "job.shards=s3://bucket/shards")
     args = p.parse_args(argv)
     run(config_mod.load(args.config, args.overrides))
     return 0

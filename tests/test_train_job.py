@@ -166,3 +166,34 @@ def test_cli_flags_map_to_config_overrides_and_bad_splits_are_refused():
     secret = config.replace(cfg, job=config.replace(cfg.job, tracking_uri="http://u:pw@h:5000"))
     assert run_params(secret)["job.tracking_uri"] == "http://***@h:5000"
     assert [s for s, _ in train.stages(config.load("samdiffsr-tiny"))] == ["rrdb", "diffusion"]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_trains_on_a_local_head(mlflow_server, shards, tmp_path):
+    import sys
+
+    from mlflow import MlflowClient
+
+    from pipelines import services
+
+    head = services.start_ray_head(tmp_path / "head", num_cpus=4)
+    try:
+        sets = [f"job.shards={shards}", f"job.storage={tmp_path / 'runs'}", "job.name=submitted",
+                "job.num_workers=2", f"job.tracking_uri={mlflow_server}", "job.experiment=train-job-submit",
+                "job.sample_pool=2", "train.iterations=2", "train.checkpoint_every=2", "train.batch_size=2",
+                "train.log_every=1",
+                "train.num_threads=1", "data.hr_crop=32"]
+        argv = [sys.executable, "-m", "pipelines.train", "--config", "samsr-teacher-tiny"]
+        for s in sets:
+            argv += ["--set", s]
+        proc = head.submit(argv, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "samsr train: done at step 2" in proc.stdout + proc.stderr
+    finally:
+        head.stop()
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("train-job-submit").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["job.name"] == "submitted"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    (ckpt,) = (tmp_path / "runs" / "submitted").glob("checkpoint_*/model.pt")
+    assert load_checkpoint(str(ckpt))["extra"]["mlflow_run_id"] == run.info.run_id
