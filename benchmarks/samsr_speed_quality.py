@@ -27,12 +27,12 @@ import time
 import numpy as np
 import torch
 
-from pipelines.demo import TRAIN_PHOTOS, bundled_photo, samsr_inputs
+from pipelines.demo import TRAIN_PHOTOS, bundled_photo
 from samsr import config, images, metrics
 from samsr.data import lr_upsampled, prepare_sample
 from samsr.diffusion.samdiffsr import SamDiffSR
 from samsr.diffusion.samsr import ResShiftTeacher, SamsrStudent
-from samsr.infer import super_resolve_image
+from samsr.infer import sam_inputs, super_resolve_image
 from samsr.loop import train
 from samsr.structure.masks import coverage
 from samsr.structure.segmenters import build_segmenter
@@ -147,7 +147,7 @@ def quality(args) -> None:
             times[label] = time.perf_counter() - t
             outs[label] = images.to_uint8(sr)[0]
         t = time.perf_counter()
-        sr = super_resolve_image(student, lr, scfg.infer, seed=0, **samsr_inputs(y_up, segmenter))
+        sr = super_resolve_image(student, lr, scfg.infer, seed=0, **sam_inputs(y_up, segmenter))
         times["student_1"] = time.perf_counter() - t
         outs["student_1"] = images.to_uint8(sr)[0]
         row = {"photo": name, **{f"psnr_y[{k}]": metrics.psnr_y(v, hr, 4) for k, v in outs.items()},

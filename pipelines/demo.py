@@ -17,9 +17,8 @@ from PIL import Image, ImageDraw
 
 from samsr import config as config_mod
 from samsr import images, metrics
-from samsr.data import lr_upsampled, lrup_maps, prepare_sample
-from samsr.diffusion.samnoise import whole_image_stats
-from samsr.infer import super_resolve_image
+from samsr.data import lr_upsampled, prepare_sample
+from samsr.infer import sam_inputs, super_resolve_image
 from samsr.loop import pretrain_rrdb, train
 from samsr.structure.segmenters import build_segmenter
 
@@ -46,17 +45,6 @@ def side_by_side(panels: Sequence[tuple[str, np.ndarray]]) -> Image.Image:
         sheet.paste(Image.fromarray(img), (i * w, 18))
         draw.text((i * w + 4, 3), label, fill="black")
     return sheet
-
-
-def samsr_inputs(y_up: np.ndarray, segmenter, soft: bool = False) -> dict:
-    """The SAMSR student's inference inputs from y↑ (H,W,3) uint8: SAM's coverage map (and soft noise
-    scale) plus their whole-image statistics, as keyword arguments of `infer.super_resolve_image`
-    (statistics come from the whole image also when tiling, METHOD.md §B)."""
-    cover, noise_scale = lrup_maps(y_up, segmenter, soft)
-    maps = {} if noise_scale is None else {"noise_scale": torch.from_numpy(noise_scale)[None, None]}
-    cover_max, noise_rms = whole_image_stats(cover, noise_scale)
-    return {"cover": torch.from_numpy(cover.astype(np.float32))[None, None], "maps": maps,
-            "stats": {"cover_max": torch.tensor([cover_max]), "noise_rms": torch.tensor([noise_rms])}}
 
 
 def _printer(stage: str):
@@ -116,7 +104,7 @@ def run(method: str = "samdiffsr", out_dir: str | Path = "demo-output", override
         train(student, samples, scfg, seed, iterations, log=_printer("student"))
         sr_teacher = super_resolve_image(teacher, lr_t, cfg.infer, seed=seed)
         panels.append(("teacher (15 steps)", images.to_uint8(sr_teacher)[0]))
-        sr = super_resolve_image(student, lr_t, scfg.infer, seed=seed, **samsr_inputs(panels[0][1], segmenter, soft))
+        sr = super_resolve_image(student, lr_t, scfg.infer, seed=seed, **sam_inputs(panels[0][1], segmenter, soft))
         panels.append(("SAMSR (1 step)", images.to_uint8(sr)[0]))
     panels.append(("HR", hr))
 

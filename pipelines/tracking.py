@@ -48,7 +48,7 @@ class Tracker:
 
     def __init__(self, cfg: Config, run_name: str, run_id: str | None = None) -> None:
         self.run_id: str | None = None
-        uri = tracking_uri(cfg)
+        self.uri = uri = tracking_uri(cfg)
         if not uri:
             log.warning("no MLflow tracking URI (job.tracking_uri or MLFLOW_TRACKING_URI): metrics are not logged")
             self.client = None
@@ -98,6 +98,13 @@ class Tracker:
     def artifact(self, local_path: str, artifact_path: str) -> None:
         if self.client is not None:
             self.client.log_artifact(self.run_id, local_path, artifact_path)
+
+    def model(self, checkpoint_path: str) -> None:
+        """Log the checkpoint as the run's MLflow model (pipelines/mlflow_model.py): runs:/<id>/model."""
+        if self.client is not None:
+            from pipelines.mlflow_model import log_model
+
+            log_model(self.uri, self.run_id, checkpoint_path)
 
     def finish(self, ok: bool) -> None:
         if self.client is not None:

@@ -149,8 +149,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if index < start_stage:
                 continue
             first = resume["step"] + 1 if index == start_stage and resume["stage"] == stage else 1
+            final = index == len(order) - 1
             _run_stage(stage, steps, first, method, cfg, uris, rank, world, device, tracker,
-                       optim_state if first > 1 else None, fail_after)
+                       optim_state if first > 1 else None, fail_after, final)
             optim_state = None
         ok = True
     finally:
@@ -159,7 +160,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 
 def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, uris: list[str], rank: int, world: int,
-               device: torch.device, tracker: Tracker | None, optim_state: dict | None, fail_after: int) -> None:
+               device: torch.device, tracker: Tracker | None, optim_state: dict | None, fail_after: int,
+               final: bool) -> None:
     import ray.train
     import ray.train.torch
 
@@ -217,6 +219,8 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, uris: li
                         tracker.artifact(str(Path(folder) / MODEL_FILE), "checkpoint")
                         if preview is not None:
                             tracker.image(sample_grid(method, preview, tc.seed), f"samples/step-{step:07d}.png")
+                        if final and is_last:
+                            tracker.model(str(Path(folder) / MODEL_FILE))
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
             else:
                 ray.train.report(report)

@@ -6,8 +6,9 @@ tile, so tiles share noise; each tile runs its own trajectory and outputs are bl
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -160,3 +161,37 @@ def super_resolve_image(method: SRMethod, lr: Tensor, cfg: InferConfig, *, cover
         return method.super_resolve(tiles, noise_fn=lambda step: field.crop(step, boxes_code), **kwargs)
 
     return tiled_super_resolve(sr_fn, lr, s, cfg.tile, cfg.overlap, cfg.tile_batch)
+
+
+def sam_inputs(y_up: np.ndarray, segmenter, soft: bool = False) -> dict[str, Any]:
+    """The SAMSR student's SAM inputs from y↑ (H,W,3) uint8 — coverage map (and soft noise scale) with
+    their whole-image statistics — as keyword arguments of `super_resolve_image` (one SAM pass; the
+    statistics come from the whole image also when tiling, METHOD.md §B)."""
+    from samsr.data import lrup_maps
+    from samsr.diffusion.samnoise import whole_image_stats
+
+    cover, noise_scale = lrup_maps(y_up, segmenter, soft)
+    maps = {} if noise_scale is None else {"noise_scale": torch.from_numpy(noise_scale)[None, None]}
+    cover_max, noise_rms = whole_image_stats(cover, noise_scale)
+    return {"cover": torch.from_numpy(cover.astype(np.float32))[None, None], "maps": maps,
+            "stats": {"cover_max": torch.tensor([cover_max]), "noise_rms": torch.tensor([noise_rms])}}
+
+
+def upscale_array(method: SRMethod, lr: np.ndarray, cfg: InferConfig, *, segmenter=None, soft: bool = False,
+                  seed: int | None = None, device: torch.device | str = "cpu") -> np.ndarray:
+    """One LR image (h,w,3) uint8 -> its SR (h*s,w*s,3) uint8 with tiled inference; a method that
+    needs SAM at inference (`needs_sam`: the SAMSR student) gets one SAM pass over y↑ from `segmenter`."""
+    from samsr import images
+    from samsr.data import lr_upsampled
+
+    kwargs: dict[str, Any] = {}
+    if getattr(method, "needs_sam", False):
+        if segmenter is None:
+            raise ValueError("this SAMSR student segments y↑ at inference: pass segmenter= (its config's segmenter)")
+        kwargs = sam_inputs(lr_upsampled(lr, method.scale), segmenter, soft)
+        kwargs = {"cover": kwargs["cover"].to(device), "maps": {k: v.to(device) for k, v in kwargs["maps"].items()},
+                  "stats": {k: v.to(device) for k, v in kwargs["stats"].items()}}
+    lr_t = images.to_tensor(lr)[None].to(device)
+    with torch.no_grad():
+        sr = super_resolve_image(method, lr_t, cfg, seed=seed, **kwargs)
+    return images.to_uint8(sr.float().cpu())[0]

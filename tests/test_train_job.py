@@ -113,6 +113,23 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
     assert float(out_weight.abs().sum()) > 0                 # trained away from its zero init
     assert np.isfinite(float(out_weight.sum()))
 
+    # the MLflow model: our loader, weights-only, same weights; and the pyfunc predicts SR images
+    import mlflow.pyfunc
+
+    from pipelines.mlflow_model import load_method
+    method, mcfg = load_method(f"runs:/{run.info.run_id}/model", tracking_uri=mlflow_server)
+    assert mcfg.method == "samsr-teacher"
+    assert torch.equal(method.state_dict()["net.unet.conv_out.weight"], out_weight)
+    lr = bundled_photo("coffee")[:24, :20]
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        (sr,) = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict([lr], params={"seed": 0})
+        model_dir = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model"))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert sr.shape == (96, 80, 3) and sr.dtype == np.uint8
+    assert not list(model_dir.rglob("*.pkl"))                  # models from code: nothing pickled
+
 
 @pytest.mark.slow
 def test_samdiffsr_two_stages_with_shards_and_checkpoints_on_s3(ray_local, mlflow_server, shards, s3):

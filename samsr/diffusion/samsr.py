@@ -151,6 +151,8 @@ class SamsrStudent(nn.Module):
     encoder of the semantic loss is NOT part of the state_dict (frozen third-party weights).
     """
 
+    needs_sam = True        # inference segments y↑ once (infer.upscale_array)
+
     def __init__(self, net: Denoiser, teacher: Denoiser, rs: ResShiftConfig, scale: int = 4,
                  embed: SamEmbedding | None = None, segment: Segment | None = None,
                  space: Space | None = None) -> None:
