@@ -71,6 +71,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def upscale_overrides(args: argparse.Namespace) -> list[str]:
+    """`samsr upscale` flags -> `--set` overrides (upscale.*), explicit --set last."""
+    flags = {"upscale.model": args.model, "upscale.input": args.input, "upscale.output": args.output,
+             "upscale.overwrite": True if args.overwrite else None, "upscale.actors": args.actors,
+             "upscale.gpus_per_actor": args.gpus_per_actor, "upscale.limit": args.limit,
+             "upscale.tracking_uri": args.tracking_uri}
+    return _as_overrides(flags, args.overrides)
+
+
+def _cmd_upscale(args: argparse.Namespace) -> int:
+    from pipelines import upscale
+
+    model_sets = list(args.model_overrides) + ([f"infer.tile={args.tile}"] if args.tile is not None else [])
+    stats = upscale.run(config_mod.load(args.config, upscale_overrides(args)), model_sets)
+    return 0 if stats["failed"] == 0 or stats["ok"] > 0 else 1
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     for name in config_mod.presets():
         print(name)
@@ -132,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow server (default $MLFLOW_TRACKING_URI)")
     p.add_argument("--iterations", type=int, default=None, help="training steps (default: the config's)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("upscale", help="super-resolve a folder or s3:// prefix into another (Ray Data, model actors)")
+    _add_config_args(p, default="samdiffsr")
+    p.add_argument("--model", required=True,
+                   help="samsr checkpoint (path or s3:// URI) or MLflow model (runs:/<run_id>/model, models:/...)")
+    p.add_argument("--input", required=True, help="folder or s3://bucket/prefix of LR images (listed recursively)")
+    p.add_argument("--output", required=True, help="folder or s3://bucket/prefix; output keys mirror input keys (.png)")
+    p.add_argument("--overwrite", action="store_true", help="rewrite outputs that exist (default: skip them)")
+    p.add_argument("--actors", type=int, default=None, help="model actor pool size (default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor when the cluster has GPUs (default 1)")
+    p.add_argument("--tile", type=int, default=None, help="LR tile side in px for large images (0 = whole image)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N inputs of the sorted listing")
+    p.add_argument("--tracking-uri", default=None, help="MLflow server for runs:/ models (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--model-set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the model's own infer.* or segmenter.* settings, e.g. segmenter.checkpoint=s3://...")
+    p.set_defaults(func=_cmd_upscale)
 
     p = sub.add_parser("presets", help="list the config presets shipped with the package")
     p.set_defaults(func=_cmd_presets)

@@ -154,6 +154,21 @@ class JobConfig:
 
 
 @dataclass(frozen=True)
+class UpscaleConfig:
+    """The batch inference job (`samsr upscale`, DESIGN.md "Batch upscale")."""
+    input: str = ""                     # folder or s3:// prefix of LR images (listed recursively)
+    output: str = ""                    # folder or s3:// prefix; each output key mirrors its input key
+    model: str = ""                     # samsr checkpoint (path | s3://) or MLflow model (runs:/… | models:/…)
+    tracking_uri: str = ""              # MLflow server for runs:/ models; "" = $MLFLOW_TRACKING_URI
+    overwrite: bool = False             # default: outputs that exist are skipped
+    actors: int = 1                     # model actor pool size
+    gpus_per_actor: float = 1.0         # used only when the cluster has GPUs
+    cpus_per_actor: float = 1.0
+    limit: int = 0                      # only the first N inputs of the sorted listing (0 = all)
+    png_compress_level: int = 1
+
+
+@dataclass(frozen=True)
 class Config:
     method: str = "samdiffsr"
     name: str = "samdiffsr"
@@ -167,6 +182,7 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     job: JobConfig = field(default_factory=JobConfig)
+    upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -273,6 +289,15 @@ def load(path_or_preset: str | Path = "samdiffsr-tiny", overrides: Sequence[str]
     tree, _ = _read_source(path_or_preset)
     if not isinstance(tree, dict):
         raise ConfigError(f"{path_or_preset}: top level must be a mapping")
+    return load_tree(tree, overrides)
+
+
+def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """`cfg` with `key.path=value` overrides applied (e.g. to a checkpoint's own config)."""
+    return load_tree(to_dict(cfg), overrides) if overrides else cfg
+
+
+def load_tree(tree: dict, overrides: Sequence[str] = ()) -> Config:
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
@@ -318,6 +343,6 @@ def replace(cfg: Any, **changes: Any) -> Any:
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "SegmenterConfig", "RRDBConfig", "UNetConfig",
-    "SamDiffSRConfig", "ResShiftConfig", "TrainConfig", "InferConfig", "ShardConfig", "JobConfig", "METHODS", "SEGMENTERS",
+    "SamDiffSRConfig", "ResShiftConfig", "TrainConfig", "InferConfig", "ShardConfig", "JobConfig", "UpscaleConfig", "METHODS", "SEGMENTERS",
     "load", "from_dict", "to_dict", "flatten", "dump_yaml", "parse_override", "presets", "replace",
 ]
