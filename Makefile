@@ -1,10 +1,11 @@
-# The README's two commands: `make demo` (install + run the main job on bundled photos) and `make test`.
+# The README's two commands: `make quickstart` (install + shard -> train -> upscale bundled photos on a
+# local S3/MLflow/Ray stack it starts and stops) and `make test`. `make demo` is the plain loop, no Ray.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.samsr-installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install quickstart demo test test-fast clean
 
 install: $(STAMP)
 
@@ -14,6 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+quickstart: install
+	$(VENV)/bin/samsr quickstart --workdir samsr-quickstart $(QUICKSTART_ARGS)
 
 demo: install
 	$(VENV)/bin/samsr demo --out demo-output
@@ -26,4 +30,4 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) demo-output samsr-quickstart .samsr-local .pytest_cache

@@ -88,6 +88,29 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     return 0 if stats["failed"] == 0 or stats["ok"] > 0 else 1
 
 
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from pipelines import quickstart
+
+    quickstart.run(args.workdir, keep=args.keep, iterations=args.iterations, rrdb_iterations=args.rrdb_iterations)
+    return 0
+
+
+def _cmd_local(args: argparse.Namespace) -> int:
+    from pipelines import local
+
+    if args.action == "up":
+        state = local.up(args.dir)
+        print(f"S3 {state['s3']}\nMLflow {state['mlflow']}\nRay dashboard {state['ray_dashboard']} "
+              f"(address {state['ray_address']}, token in {args.dir}/{local.TOKEN})")
+        return 0
+    if args.action == "down":
+        print("stopped" if local.down(args.dir) else f"no local stack recorded in {args.dir}")
+        return 0
+    up = local.status(args.dir)
+    print(json.dumps(up) if up else f"no local stack recorded in {args.dir}")
+    return 0 if up and all(up.values()) else 1
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     for name in config_mod.presets():
         print(name)
@@ -165,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the model's own infer.* or segmenter.* settings, e.g. segmenter.checkpoint=s3://...")
     p.set_defaults(func=_cmd_upscale)
+
+    p = sub.add_parser("quickstart", help="start a local S3/MLflow/Ray stack, then shard -> train -> upscale "
+                                          "bundled photos end to end and score the result")
+    p.add_argument("--workdir", default="samsr-quickstart", help="folder for the stack's logs and metrics.json")
+    p.add_argument("--keep", action="store_true", help="leave the local stack running (browse the MLflow UI)")
+    p.add_argument("--iterations", type=int, default=300, help="diffusion training steps (default 300)")
+    p.add_argument("--rrdb-iterations", type=int, default=200, help="RRDB pretraining steps (default 200)")
+    p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser("local", help="a development stack on 127.0.0.1: S3 (moto), MLflow and a token-auth Ray head")
+    p.add_argument("action", choices=("up", "down", "status"))
+    p.add_argument("--dir", default=".samsr-local", help="where the stack keeps its state, logs and data")
+    p.set_defaults(func=_cmd_local)
 
     p = sub.add_parser("presets", help="list the config presets shipped with the package")
     p.set_defaults(func=_cmd_presets)

@@ -237,11 +237,16 @@ def run(cfg: Config, *, dry_run: bool = False, fail_after_shards: int | None = N
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipelines.shard --config PRESET --set shard.input=... --set shard.output=...` (ray job submit)."""
+def parser():
+    """The entrypoint's arguments (`cluster/` manifests are checked against it)."""
     p = entrypoint_parser("pipelines.shard", __doc__.splitlines()[0], "shard.input=s3://bucket/images")
     p.add_argument("--dry-run", action="store_true", help="segment a small sample and print the plan only")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.shard --config PRESET --set shard.input=... --set shard.output=...` (ray job submit)."""
+    args = parser().parse_args(argv)
     run(config_mod.load(args.config, args.overrides), dry_run=args.dry_run)
     return 0
 

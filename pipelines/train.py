@@ -276,10 +276,14 @@ def run(cfg: Config, *, fail_after_steps: int = 0, echo: Callable[[str], None] =
     return out
 
 
+def parser():
+    """The entrypoint's arguments (`cluster/` manifests are checked against it)."""
+    return entrypoint_parser("pipelines.train", __doc__.splitlines()[0], "job.shards=s3://bucket/shards")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines.train --config PRESET --set job.shards=... --set job.storage=...` (ray job submit)."""
-    p = entrypoint_parser("pipelines.train", __doc__.splitlines()[0], "job.shards=s3://bucket/shards")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     run(config_mod.load(args.config, args.overrides))
     return 0
 

@@ -87,7 +87,8 @@ def decode_row(row: dict) -> dict:
 class UpscaleActor:
     """Loads the model (and a segmenter if it needs SAM) once; super-resolves and writes each image."""
 
-    def __init__(self, model: str, model_overrides: Sequence[str], tracking_uri: str, level: int) -> None:
+    def __init__(self, model: str, model_overrides: Sequence[str], tracking_uri: str, level: int,
+                 threads: int = 1) -> None:
         import torch
 
         from pipelines.mlflow_model import load_method
@@ -95,7 +96,7 @@ class UpscaleActor:
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
-            torch.set_num_threads(1)
+            torch.set_num_threads(max(1, threads))     # as many as the CPUs the actor reserved
         self.method, cfg = load_method(model, self.device, tracking_uri or None)
         self.cfg = config_mod.with_overrides(cfg, model_overrides)
         self.segmenter = build_segmenter(self.cfg.segmenter) if getattr(self.method, "needs_sam", False) else None
@@ -148,7 +149,8 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
         ds = ds.map(decode_row, num_cpus=0.5, memory=DECODE_MEMORY)
         ds = ds.map_batches(UpscaleActor, fn_constructor_kwargs={
                                 "model": uc.model, "model_overrides": list(model_overrides),
-                                "tracking_uri": uc.tracking_uri, "level": uc.png_compress_level},
+                                "tracking_uri": uc.tracking_uri, "level": uc.png_compress_level,
+                                "threads": int(uc.cpus_per_actor)},
                             batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=uc.actors),
                             num_cpus=uc.cpus_per_actor, num_gpus=gpus or None)
         for row in ds.iter_rows():
@@ -167,12 +169,17 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
 __all__ = ["run", "plan", "output_key", "decode_row", "UpscaleActor", "MANIFEST"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipelines.upscale --set upscale.model=... --set upscale.input=... --set upscale.output=...`"""
+def parser():
+    """The entrypoint's arguments (`cluster/` manifests are checked against it)."""
     p = entrypoint_parser("pipelines.upscale", __doc__.splitlines()[0], "upscale.input=s3://bucket/lr")
     p.add_argument("--model-set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the model's own infer.* or segmenter.* settings, e.g. infer.tile=128")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.upscale --set upscale.model=... --set upscale.input=... --set upscale.output=...`"""
+    args = parser().parse_args(argv)
     stats = run(config_mod.load(args.config, args.overrides), args.model_overrides)
     return 0 if stats["failed"] == 0 or stats["ok"] > 0 else 1
 

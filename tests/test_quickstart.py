@@ -1,0 +1,46 @@
+"""`samsr quickstart` end to end in a fresh process, as a user runs it: local stack up (moto S3, MLflow,
+token-auth Ray head), shard -> train -> upscale on bundled photos, scores, then `samsr local down`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipelines import local
+
+BICUBIC_COFFEE_PSNR_Y = 27.37962978559384     # as in test_demo: deterministic
+
+
+@pytest.mark.slow
+def test_quickstart_shards_trains_and_upscales_on_a_local_stack(tmp_path):
+    from mlflow import MlflowClient
+
+    work = tmp_path / "qs"
+    samsr = os.path.join(os.path.dirname(sys.executable), "samsr")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
+    proc = subprocess.run([samsr, "quickstart", "--workdir", str(work), "--keep", "--iterations", "20",
+                           "--rrdb-iterations", "20"], env=env, capture_output=True, text=True, timeout=900)
+    stack = work / "stack"
+    try:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert local.status(stack) == {"s3": True, "mlflow": True, "ray": True}
+        results = json.loads((work / "metrics.json").read_text())
+        assert set(results) == {"coffee", "camera"}
+        assert results["coffee"]["bicubic"]["psnr_y"] == pytest.approx(BICUBIC_COFFEE_PSNR_Y, abs=1e-9)
+        for name, rows in results.items():       # a briefly trained model: a real image, not noise
+            assert 15.0 < rows["SAM-DiffSR"]["psnr_y"] < 40.0, name
+        state = local.read_state(stack)
+        client = MlflowClient(state["mlflow"])
+        (run,) = client.search_runs([client.get_experiment_by_name("samsr-quickstart").experiment_id])
+        assert run.info.status == "FINISHED" and run.data.params["method"] == "samdiffsr"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "rrdb/rrdb_l1")][-1] == 20
+        assert f"run {run.info.run_id}" in proc.stdout
+        assert "token" not in json.dumps(state) and oct((stack / local.TOKEN).stat().st_mode & 0o777) == "0o600"
+    finally:
+        down = subprocess.run([samsr, "local", "down", "--dir", str(stack)], env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert local.status(stack) == {} and not any(local.pid_alive(pid) for pid in state["pids"].values())
