@@ -149,6 +149,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if index < start_stage:
                 continue
             first = resume["step"] + 1 if index == start_stage and resume["stage"] == stage else 1
+            if first > steps:           # finished before the restart (its checkpoint holds the result)
+                continue
             final = index == len(order) - 1
             _run_stage(stage, steps, first, method, cfg, uris, rank, world, device, tracker,
                        optim_state if first > 1 else None, fail_after, final)
@@ -190,13 +192,14 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, uris: li
                              need_cover=cfg.method == "samsr-student")
     generator = torch.Generator(device).manual_seed(tc.seed * 1009 + rank * 7 + first)
     preview = batch_to(next(batches), device) if rank == 0 and stage != "rrdb" else None
+    via = _ViaModule(wrapped)
     t0, seen = time.perf_counter(), 0
     for step in range(first, steps + 1):
         batch = batch_to(next(batches), device)
         if stage == "rrdb":
             metrics = rrdb_pretrain_step(wrapped, opt, batch)
         else:
-            metrics = train_step(_ViaModule(wrapped), opt, batch, generator, tc.grad_clip, tc.bf16)
+            metrics = train_step(via, opt, batch, generator, tc.grad_clip, tc.bf16)
             sched.step()
         seen += batch["hr"].shape[0] * world
         is_last = step == steps

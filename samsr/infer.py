@@ -163,7 +163,7 @@ def super_resolve_image(method: SRMethod, lr: Tensor, cfg: InferConfig, *, cover
     return tiled_super_resolve(sr_fn, lr, s, cfg.tile, cfg.overlap, cfg.tile_batch)
 
 
-def sam_inputs(y_up: np.ndarray, segmenter, soft: bool = False) -> dict[str, Any]:
+def sam_inputs(y_up: np.ndarray, segmenter, soft: bool = False, device: torch.device | str = "cpu") -> dict[str, Any]:
     """The SAMSR student's SAM inputs from y↑ (H,W,3) uint8 — coverage map (and soft noise scale) with
     their whole-image statistics — as keyword arguments of `super_resolve_image` (one SAM pass; the
     statistics come from the whole image also when tiling, METHOD.md §B)."""
@@ -171,10 +171,11 @@ def sam_inputs(y_up: np.ndarray, segmenter, soft: bool = False) -> dict[str, Any
     from samsr.diffusion.samnoise import whole_image_stats
 
     cover, noise_scale = lrup_maps(y_up, segmenter, soft)
-    maps = {} if noise_scale is None else {"noise_scale": torch.from_numpy(noise_scale)[None, None]}
+    maps = {} if noise_scale is None else {"noise_scale": torch.from_numpy(noise_scale)[None, None].to(device)}
     cover_max, noise_rms = whole_image_stats(cover, noise_scale)
-    return {"cover": torch.from_numpy(cover.astype(np.float32))[None, None], "maps": maps,
-            "stats": {"cover_max": torch.tensor([cover_max]), "noise_rms": torch.tensor([noise_rms])}}
+    return {"cover": torch.from_numpy(cover.astype(np.float32))[None, None].to(device), "maps": maps,
+            "stats": {"cover_max": torch.tensor([cover_max], device=device),
+                      "noise_rms": torch.tensor([noise_rms], device=device)}}
 
 
 def upscale_array(method: SRMethod, lr: np.ndarray, cfg: InferConfig, *, segmenter=None, soft: bool = False,
@@ -188,9 +189,7 @@ def upscale_array(method: SRMethod, lr: np.ndarray, cfg: InferConfig, *, segment
     if getattr(method, "needs_sam", False):
         if segmenter is None:
             raise ValueError("this SAMSR student segments y↑ at inference: pass segmenter= (its config's segmenter)")
-        kwargs = sam_inputs(lr_upsampled(lr, method.scale), segmenter, soft)
-        kwargs = {"cover": kwargs["cover"].to(device), "maps": {k: v.to(device) for k, v in kwargs["maps"].items()},
-                  "stats": {k: v.to(device) for k, v in kwargs["stats"].items()}}
+        kwargs = sam_inputs(lr_upsampled(lr, method.scale), segmenter, soft, device)
     lr_t = images.to_tensor(lr)[None].to(device)
     with torch.no_grad():
         sr = super_resolve_image(method, lr_t, cfg, seed=seed, **kwargs)

@@ -25,6 +25,7 @@ from samsr.shards.format import decode_members, read_tar
 from samsr.structure.masks import coverage
 
 SHARD_SUFFIX = ".tar"
+TRAINING_MEMBERS = ("hr.png", "lr.png", "hr.seg.png", "hr.spe.npy", "lrup.cover.png")   # masks.json not decoded
 
 
 def list_shards(prefix: str) -> list[str]:
@@ -49,8 +50,8 @@ def sample_from_members(key: str, members: dict[str, bytes], need_cover: bool) -
     Without `lrup.*` members (a shard written with --no-lrup-masks) the coverage is C ≡ 1, which only
     SAM-DiffSR may use; `need_cover` (SAMSR) turns that into an error naming the sample.
     """
-    d = decode_members(members)
-    missing = [m for m in ("hr.png", "lr.png", "hr.seg.png", "hr.spe.npy") if m not in d]
+    d = decode_members({m: members[m] for m in TRAINING_MEMBERS if m in members})   # no RLE decode of masks
+    missing = [m for m in TRAINING_MEMBERS[:4] if m not in d]
     if missing:
         raise ValueError(f"shard sample {key!r} lacks {missing}; rewrite the shard with `samsr shard`")
     hr = d["hr.png"]
