@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.demo import TRAIN_PHOTOS, bundled_photo
+from pipelines.photos import LEGACY_TRAIN as TRAIN_PHOTOS
+from pipelines.photos import bundled_photo
 from samsr import config
 
 PHOTOS = TRAIN_PHOTOS + ("coffee", "camera", "coins")

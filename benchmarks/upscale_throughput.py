@@ -1,4 +1,6 @@
-"""Batch upscale throughput: `samsr upscale` (1 and 2 model actors) vs a bare single-process loop.
+"""Batch upscale throughput: `samsr upscale` (1 and 2 model actors) vs a bare single-process loop, and
+`samsr eval` (1 and 2 actors) on the same work: HR images 4× the LR inputs, so each is one SR of the same
+size plus its scores against HR and bicubic's.
 
     .venv/bin/python benchmarks/upscale_throughput.py [--images 16] [--lr-size 128] [--config samsr-teacher-tiny]
 
@@ -22,7 +24,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipelines.demo import TRAIN_PHOTOS, bundled_photo
+from pipelines.photos import LEGACY_TRAIN as TRAIN_PHOTOS
+from pipelines.photos import bundled_photo
 from samsr import config
 
 
@@ -57,6 +60,9 @@ def main() -> None:
             buf = io.BytesIO()
             Image.fromarray(photo[y:y + n, x:x + n]).save(buf, format="PNG")
             (root / "in" / f"img{i:04d}.png").write_bytes(buf.getvalue())
+            (root / "hr").mkdir(exist_ok=True)              # for eval: an HR whose LR is n x n
+            Image.fromarray(photo[y:y + n, x:x + n]).resize((4 * n, 4 * n), Image.NEAREST).save(
+                root / "hr" / f"img{i:04d}.png")
         cfg = config.load(args.config)
         torch.manual_seed(0)
         save_checkpoint(str(root / "model.pt"), {"model": build_method(cfg)}, cfg)
@@ -80,8 +86,19 @@ def main() -> None:
             stats = upscale.run(job, echo=lambda s: None)
             results[actors] = stats["images_per_s"]
             print(json.dumps({"run": f"samsr upscale, {actors} actor(s)", **stats}), flush=True)
+        from pipelines import eval as eval_job
+
+        for actors in (1, 2):
+            job = config.load(args.config, [f"eval.hr={root / 'hr'}", f"eval.model={root / 'model.pt'}",
+                                            f"eval.actors={actors}"])
+            stats = eval_job.run(job, echo=lambda s: None)
+            results[f"eval{actors}"] = stats["images_per_s"]
+            print(json.dumps({"run": f"samsr eval, {actors} actor(s)", "images_per_s": stats["images_per_s"],
+                              "seconds": stats["seconds"], "ok": stats["ok"]}), flush=True)
         print(f"SUMMARY images/s bare {bare:.2f}; job 1 actor {results[1]:.2f} ({results[1] / bare:.2f}x bare); "
-              f"2 actors {results[2]:.2f} ({results[2] / results[1]:.2f}x of 1 actor)")
+              f"2 actors {results[2]:.2f} ({results[2] / results[1]:.2f}x of 1 actor); eval 1 actor "
+              f"{results['eval1']:.2f} ({results['eval1'] / results[1]:.2f}x upscale), 2 actors {results['eval2']:.2f} "
+              f"({results['eval2'] / results[2]:.2f}x upscale)")
     finally:
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)

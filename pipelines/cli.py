@@ -20,11 +20,23 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
                    help="override one config value, e.g. --set train.lr=1e-4 (repeatable)")
 
 
+def _add_model_job_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the jobs that run a trained model over a listing (upscale, eval)."""
+    from pipelines.rayenv import add_model_set
+
+    p.add_argument("--actors", type=int, default=None, help="model actor pool size (default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor when the cluster has GPUs (default 1)")
+    p.add_argument("--tile", type=int, default=None, help="LR tile side in px for large images (0 = whole image)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N inputs of the sorted listing")
+    p.add_argument("--tracking-uri", default=None, help="MLflow server for runs:/ models (default $MLFLOW_TRACKING_URI)")
+    add_model_set(p)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines import demo
 
     demo.run(method=args.method, out_dir=args.out, overrides=args.overrides, iterations=args.iterations,
-             seed=args.seed)
+             seed=args.seed, preset=args.preset, samples=args.samples, eval_crop=args.eval_crop)
     return 0
 
 
@@ -60,7 +72,7 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
     flags = {"job.shards": args.shards, "job.storage": args.storage, "job.name": args.name,
              "job.num_workers": args.num_workers, "job.use_gpu": True if args.use_gpu else None,
              "job.experiment": args.experiment, "job.tracking_uri": args.tracking_uri,
-             "train.iterations": args.iterations}
+             "train.iterations": args.iterations, "job.val": args.val}
     return _as_overrides(flags, args.overrides)
 
 
@@ -88,10 +100,28 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     return 0 if stats["failed"] == 0 or stats["ok"] > 0 else 1
 
 
+def eval_overrides(args: argparse.Namespace) -> list[str]:
+    """`samsr eval` flags -> `--set` overrides (eval.*), explicit --set last."""
+    flags = {"eval.model": args.model, "eval.hr": args.hr, "eval.lr": args.lr, "eval.set_name": args.set_name,
+             "eval.samples": args.samples, "eval.seed": args.seed, "eval.crop": args.crop,
+             "eval.output": args.output, "eval.lpips_weights": args.lpips_weights, "eval.actors": args.actors,
+             "eval.gpus_per_actor": args.gpus_per_actor, "eval.limit": args.limit,
+             "eval.tracking_uri": args.tracking_uri}
+    return _as_overrides(flags, args.overrides)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pipelines import eval as eval_job
+
+    model_sets = list(args.model_overrides) + ([f"infer.tile={args.tile}"] if args.tile is not None else [])
+    return eval_job.exit_code(eval_job.run(config_mod.load(args.config, eval_overrides(args)), model_sets))
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from pipelines import quickstart
 
-    quickstart.run(args.workdir, keep=args.keep, iterations=args.iterations, rrdb_iterations=args.rrdb_iterations)
+    quickstart.run(args.workdir, keep=args.keep, iterations=args.iterations, rrdb_iterations=args.rrdb_iterations,
+                   samples=args.samples, preset=args.preset or quickstart.PRESET)
     return 0
 
 
@@ -126,14 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samsr", description="Semantic-guided diffusion super-resolution at cluster scale.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="train a tiny model on bundled photos in a plain loop (no Ray) and report PSNR/SSIM")
+    p = sub.add_parser("demo", help="train on bundled photos in a plain loop (no Ray) and score held-out photos "
+                                    "against bicubic")
     p.add_argument("--method", choices=("samdiffsr", "samsr"), default="samdiffsr",
                    help="SAM-DiffSR (100-step sampler) or SAMSR (one-step student distilled from a ResShift teacher)")
-    p.add_argument("--out", default="demo-output", help="folder for side_by_side.png and metrics.json")
+    p.add_argument("--preset", choices=("cpu", "tiny"), default="cpu",
+                   help="cpu: the recipe that beats bicubic in minutes on 2 cores (default); tiny: a quick smoke run")
+    p.add_argument("--out", default="demo-output", help="folder for side-by-sides, metrics.json and the trained models")
     p.add_argument("--iterations", type=int, default=None, help="training steps per stage (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0, help="seed for crops, noise and sampling")
+    p.add_argument("--samples", type=int, default=1,
+                   help="samples per held-out photo (seeds seed..seed+N-1); N > 1 also scores their mean")
+    p.add_argument("--eval-crop", type=int, default=0, help="score central HR crops of this side (default 0: whole photos)")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, crops, noise and sampling")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value of the tiny preset, e.g. --set segmenter.kind=superpixel")
+                   help="override a value of the preset, e.g. --set segmenter.kind=superpixel")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("shard", help="precompute SAM masks: images (folder | s3://) -> WebDataset shards (Ray Data)")
@@ -171,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=None, help="MLflow experiment (default samsr)")
     p.add_argument("--tracking-uri", default=None, help="MLflow server (default $MLFLOW_TRACKING_URI)")
     p.add_argument("--iterations", type=int, default=None, help="training steps (default: the config's)")
+    p.add_argument("--val", default=None,
+                   help="HR images (folder or s3://) to validate on every train.eval_every steps (val/* in MLflow); "
+                        "default: hold out the first job.val_images samples of the last shard")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("upscale", help="super-resolve a folder or s3:// prefix into another (Ray Data, model actors)")
@@ -180,21 +219,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="folder or s3://bucket/prefix of LR images (listed recursively)")
     p.add_argument("--output", required=True, help="folder or s3://bucket/prefix; output keys mirror input keys (.png)")
     p.add_argument("--overwrite", action="store_true", help="rewrite outputs that exist (default: skip them)")
-    p.add_argument("--actors", type=int, default=None, help="model actor pool size (default 1)")
-    p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor when the cluster has GPUs (default 1)")
-    p.add_argument("--tile", type=int, default=None, help="LR tile side in px for large images (0 = whole image)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N inputs of the sorted listing")
-    p.add_argument("--tracking-uri", default=None, help="MLflow server for runs:/ models (default $MLFLOW_TRACKING_URI)")
-    p.add_argument("--model-set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the model's own infer.* or segmenter.* settings, e.g. segmenter.checkpoint=s3://...")
+    _add_model_job_args(p)
     p.set_defaults(func=_cmd_upscale)
+
+    p = sub.add_parser("eval", help="score a model against bicubic on HR images (PSNR/SSIM on Y, HaarPSI, GMSD, "
+                                    "LPIPS with weights) and log the result to MLflow")
+    _add_config_args(p, default="samdiffsr")
+    p.add_argument("--model", required=True,
+                   help="samsr checkpoint (path or s3:// URI) or MLflow model (runs:/<run_id>/model, models:/NAME@ALIAS)")
+    p.add_argument("--hr", required=True, help="folder or s3://bucket/prefix of HR images (listed recursively)")
+    p.add_argument("--lr", default=None, help="LR images matched to HR by key (a/0801.png or a/0801x4.png); "
+                                              "default: made from HR as `samsr shard` makes them")
+    p.add_argument("--set-name", default=None, help="name in the metric keys eval/<set>/… (default: the HR folder's)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples per image, seeds seed..seed+N-1 (default 1); N > 1 also scores the mean of the samples")
+    p.add_argument("--seed", type=int, default=None, help="first sampling seed (default 0)")
+    p.add_argument("--crop", type=int, default=None, help="central HR crop side in px to bound time (default 0: whole)")
+    p.add_argument("--output", default=None, help="folder or s3:// prefix for scores.jsonl and summary.json")
+    p.add_argument("--lpips-weights", default=None,
+                   help="LPIPS-AlexNet state_dict (path or s3://); without it LPIPS is not computed")
+    _add_model_job_args(p)
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("quickstart", help="start a local S3/MLflow/Ray stack, then shard -> train -> upscale "
                                           "bundled photos end to end and score the result")
     p.add_argument("--workdir", default="samsr-quickstart", help="folder for the stack's logs and metrics.json")
     p.add_argument("--keep", action="store_true", help="leave the local stack running (browse the MLflow UI)")
-    p.add_argument("--iterations", type=int, default=300, help="diffusion training steps (default 300)")
-    p.add_argument("--rrdb-iterations", type=int, default=200, help="RRDB pretraining steps (default 200)")
+    p.add_argument("--preset", default=None, help="SAM-DiffSR preset to train (default: the quickstart's)")
+    p.add_argument("--iterations", type=int, default=None, help="diffusion training steps (default: the preset's)")
+    p.add_argument("--rrdb-iterations", type=int, default=None, help="RRDB pretraining steps (default: the preset's)")
+    p.add_argument("--samples", type=int, default=2,
+                   help="samples per held-out photo in the final `samsr eval` (default 2: single-sample and "
+                        "mean-of-samples scores)")
     p.set_defaults(func=_cmd_quickstart)
 
     p = sub.add_parser("local", help="a development stack on 127.0.0.1: S3 (moto), MLflow and a token-auth Ray head")
@@ -217,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except config_mod.ConfigError as exc:
         print(f"samsr: config error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:        # a missing model, input or weights file: one line, where we looked
+        print(f"samsr {args.command}: {exc}", file=sys.stderr)
         return 2
 
 

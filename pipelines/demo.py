@@ -1,39 +1,40 @@
-"""`samsr demo`: the whole method in a plain loop on scikit-image's bundled photos, no Ray, minutes on a CPU.
+"""`samsr demo`: a method trained in a plain loop on bundled photos (no Ray), scored on held-out photos
+against bicubic with the evaluation code of `samsr eval` (samsr/evaluation.py).
 
-SAM-DiffSR: pretrain RRDB, train the structure-modulated diffusion model, super-resolve a held-out photo.
-SAMSR: train the ResShift teacher, distil the one-step student, super-resolve the held-out photo.
-Prints PSNR/SSIM (Y, border = scale) for bicubic and each model, saves a side-by-side PNG + metrics.json.
+SAM-DiffSR: pretrain the RRDB, train the structure-modulated diffusion (EMA weights), sample.
+SAMSR: train the ResShift teacher, distil the one-step student from its EMA weights, sample both.
+The default presets are the CPU recipe (`*-cpu`, minutes on 2 cores; benchmarks/RESULTS.md), `--preset
+tiny` is a quick smoke run. Photos and split: pipelines/photos.py (`split="final"`: train on TRAIN,
+score HELD_OUT; `"tune"`: train on TUNE_TRAIN, score TUNE_VAL — where recipes are chosen).
+Writes `<photo>.png` side-by-sides (bicubic | models | HR), `metrics.json` and the trained models as samsr
+checkpoints (`samdiffsr.pt`, `samsr-teacher.pt`, `samsr-student.pt`: `samsr eval/upscale --model`) under `out_dir`.
 """
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from pipelines import photos
+from pipelines.photos import bundled_photo
 from samsr import config as config_mod
-from samsr import images, metrics
+from samsr import evaluation
+from samsr.checkpoint import save_checkpoint
 from samsr.data import lr_upsampled, prepare_sample
-from samsr.infer import sam_inputs, super_resolve_image
+from samsr.ema import make_ema
+from samsr.infer import upscale_array
 from samsr.loop import pretrain_rrdb, train
 from samsr.structure.segmenters import build_segmenter
 
-TRAIN_PHOTOS = ("astronaut", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
-HELD_OUT = "coffee"
-
-
-def bundled_photo(name: str) -> np.ndarray:
-    """A real RGB8 photo shipped with scikit-image (no download)."""
-    import skimage.data
-
-    img = getattr(skimage.data, name)()
-    if img.ndim == 2:   # grayscale photos (camera, moon) as RGB
-        img = np.repeat(img[..., None], 3, axis=2)
-    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+PRESETS = {"samdiffsr": ("samdiffsr",), "samsr": ("samsr-teacher", "samsr-student")}
+CHECKPOINTS = {"SAM-DiffSR": "samdiffsr.pt", "teacher (15 steps)": "samsr-teacher.pt",
+               "SAMSR (1 step)": "samsr-student.pt"}
+SPLITS = {"final": (photos.TRAIN, photos.HELD_OUT), "tune": (photos.TUNE_TRAIN, photos.TUNE_VAL)}
 
 
 def side_by_side(panels: Sequence[tuple[str, np.ndarray]]) -> Image.Image:
@@ -47,72 +48,105 @@ def side_by_side(panels: Sequence[tuple[str, np.ndarray]]) -> Image.Image:
     return sheet
 
 
-def _printer(stage: str):
+def _printer(stage: str, echo: Callable[[str], None]):
     def log(step: int, m: dict[str, float]) -> None:
         shown = ", ".join(f"{k}={v:.4f}" for k, v in m.items() if k in ("loss", "rrdb_l1", "grad_norm")
                           or k.startswith("loss_"))
-        print(f"  [{stage}] step {step}: {shown}", flush=True)
+        echo(f"  [{stage}] step {step}: {shown}")
     return log
 
 
-def _method_classes():
+class RRDBOnly(torch.nn.Module):
+    """SAM-DiffSR's conditioning RRDB as an SR model of its own: is the encoder any good by itself?"""
+
+    def __init__(self, rrdb: torch.nn.Module, scale: int) -> None:
+        super().__init__()
+        self.rrdb, self.scale = rrdb, scale
+
+    @torch.no_grad()
+    def super_resolve(self, lr, *, generator=None, noise_fn=None, cover=None):
+        return self.rrdb(lr).clamp(-1, 1)
+
+
+def train_models(method: str, samples, cfgs: Sequence[config_mod.Config], seed: int, iterations: int | None,
+                 echo: Callable[[str], None] = print) -> dict[str, torch.nn.Module]:
+    """Train the method in the plain loop; returns {label: model to sample (EMA weights when on)}."""
     from samsr.diffusion.samdiffsr import SamDiffSR
     from samsr.diffusion.samsr import ResShiftTeacher, SamsrStudent
-    return SamDiffSR, ResShiftTeacher, SamsrStudent
+
+    cfg = cfgs[0]
+    torch.manual_seed(seed)   # network initialisation; batches and noise draw from their own seeded generators
+    if method == "samdiffsr":
+        model = SamDiffSR.from_config(cfg)
+        pretrain_rrdb(model.rrdb, samples, cfg, seed, log=_printer("rrdb", echo))
+        ema = make_ema(model, cfg.train.ema_decay)
+        train(model, samples, cfg, seed, iterations, log=_printer("diffusion", echo), ema=ema)
+        final = ema.module if ema else model
+        return {"RRDB": RRDBOnly(final.rrdb, cfg.data.scale), "SAM-DiffSR": final}
+    teacher = ResShiftTeacher.from_config(cfg)
+    ema = make_ema(teacher, cfg.train.ema_decay)
+    train(teacher, samples, cfg, seed, iterations, log=_printer("teacher", echo), ema=ema)
+    teacher = ema.module if ema else teacher
+    student = SamsrStudent.from_teacher(teacher, cfgs[1])
+    sema = make_ema(student, cfgs[1].train.ema_decay)
+    train(student, samples, cfgs[1], seed, iterations, log=_printer("student", echo), ema=sema)
+    return {"teacher (15 steps)": teacher, "SAMSR (1 step)": sema.module if sema else student}
 
 
 def run(method: str = "samdiffsr", out_dir: str | Path = "demo-output", overrides: Sequence[str] = (),
-        iterations: int | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Train a tiny model on bundled photos and report quality on a held-out one. Returns the metrics."""
-    if method not in ("samdiffsr", "samsr"):
+        iterations: int | None = None, seed: int = 0, *, preset: str = "cpu", samples: int = 1,
+        split: str = "final", student_overrides: Sequence[str] = (), eval_crop: int = 0,
+        echo: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
+    """Train on bundled photos, score the held-out ones against bicubic. Returns what metrics.json holds."""
+    if method not in PRESETS:
         raise ValueError(f"demo method {method!r}: choose 'samdiffsr' or 'samsr'")
-    SamDiffSR, ResShiftTeacher, SamsrStudent = _method_classes()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    preset = "samdiffsr-tiny" if method == "samdiffsr" else "samsr-teacher-tiny"
-    cfg = config_mod.load(preset, overrides)
+    if preset not in ("cpu", "tiny") or split not in SPLITS:
+        raise ValueError(f"demo preset {preset!r} / split {split!r}: choose cpu|tiny and {'|'.join(SPLITS)}")
+    names = PRESETS[method]
+    cfgs = [config_mod.load(f"{names[0]}-{preset}", overrides)]
+    cfgs += [config_mod.load(f"{n}-{preset}", [*overrides, *student_overrides]) for n in names[1:]]
+    cfg, scale = cfgs[0], cfgs[0].data.scale
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    torch.manual_seed(seed)   # network initialisation; batches and noise draw from their own seeded generators
-    scale = cfg.data.scale
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_names, eval_names = SPLITS[split]
     t0 = time.perf_counter()
-
     segmenter = build_segmenter(cfg.segmenter)
-    print(f"segmenter: {segmenter.id}" + ("" if segmenter.is_sam else "  (fallback, not SAM)"), flush=True)
-    soft = method == "samsr" and cfg.resshift.soft_masks
-    samples = [prepare_sample(name, bundled_photo(name), scale, segmenter, soft_masks=soft) for name in TRAIN_PHOTOS]
-    hr = images.crop_to_multiple(bundled_photo(HELD_OUT), scale)
-    lr = images.make_lr(hr, scale)
-    lr_t = images.to_tensor(lr)[None]
-    panels = [("bicubic", lr_upsampled(lr, scale))]
-    print(f"data: {len(samples)} training photos segmented in {time.perf_counter() - t0:.1f}s; held out: {HELD_OUT} "
-          f"{hr.shape[1]}x{hr.shape[0]}", flush=True)
+    echo(f"segmenter: {segmenter.id}" + ("" if segmenter.is_sam else "  (fallback, not SAM)"))
+    soft = cfg.resshift.soft_masks
+    data = [prepare_sample(n, bundled_photo(n), scale, segmenter, soft_masks=soft) for n in train_names]
+    echo(f"data: {len(data)} training photos ({', '.join(train_names)}) segmented in {time.perf_counter() - t0:.0f}s")
+    models = train_models(method, data, cfgs, seed, iterations, echo)
+    train_seconds = time.perf_counter() - t0
+    echo(f"trained in {train_seconds:.0f}s ({train_seconds / 60:.1f} min, data included); scoring "
+         f"{', '.join(eval_names)} (seeds {seed}..{seed + samples - 1})")
 
-    if method == "samdiffsr":
-        model = SamDiffSR.from_config(cfg)
-        pretrain_rrdb(model.rrdb, samples, cfg, seed, log=_printer("rrdb"))
-        with torch.no_grad():
-            panels.append(("RRDB", images.to_uint8(model.rrdb(lr_t))[0]))
-        train(model, samples, cfg, seed, iterations, log=_printer("diffusion"))
-        sr = super_resolve_image(model, lr_t, cfg.infer, seed=seed)
-        panels.append(("SAM-DiffSR", images.to_uint8(sr)[0]))
-    else:
-        teacher = ResShiftTeacher.from_config(cfg)
-        train(teacher, samples, cfg, seed, iterations, log=_printer("teacher"))
-        scfg = config_mod.load("samsr-student-tiny", overrides)
-        student = SamsrStudent.from_teacher(teacher, scfg)
-        train(student, samples, scfg, seed, iterations, log=_printer("student"))
-        sr_teacher = super_resolve_image(teacher, lr_t, cfg.infer, seed=seed)
-        panels.append(("teacher (15 steps)", images.to_uint8(sr_teacher)[0]))
-        sr = super_resolve_image(student, lr_t, scfg.infer, seed=seed, **sam_inputs(panels[0][1], segmenter, soft))
-        panels.append(("SAMSR (1 step)", images.to_uint8(sr)[0]))
-    panels.append(("HR", hr))
-
-    results = {label: metrics.evaluate(img, hr, scale) for label, img in panels[:-1]}
-    side_by_side(panels).save(out / "side_by_side.png")
+    for label, model in models.items():       # `samsr upscale/eval --model OUT/<file>.pt` takes these
+        if label in CHECKPOINTS:
+            save_checkpoint(str(out / CHECKPOINTS[label]), {"model": model}, cfgs[-1] if "student" in CHECKPOINTS[label]
+                            else cfgs[0])
+    pairs = {n: evaluation.crop_pair(*evaluation.pair_from_hr(bundled_photo(n), scale), eval_crop, scale)
+             for n in eval_names}
+    results: dict = {"method": method, "preset": preset, "split": split, "seed": seed, "samples": samples,
+                     "train_seconds": train_seconds, "train_photos": list(train_names), "models": {}}
+    for label, model in models.items():
+        n = 1 if isinstance(model, RRDBOnly) else samples
+        seg = segmenter if getattr(model, "needs_sam", False) else None
+        rows = [evaluation.evaluate_image(model, hr, lr, cfg.infer, samples=n, seed=seed, segmenter=seg, soft=soft)
+                for hr, lr in pairs.values()]
+        summary = evaluation.summarize(rows)
+        echo(f"\n{label}:\n{evaluation.format_rows(rows, list(pairs))}\n{evaluation.format_summary(summary, n)}")
+        results["models"][label] = {"summary": summary, "rows": dict(zip(pairs, rows))}
+    for name, (hr, lr) in pairs.items():
+        panels = [("bicubic", lr_upsampled(lr, scale))]
+        for label, model in models.items():
+            seg = segmenter if getattr(model, "needs_sam", False) else None
+            panels.append((label, upscale_array(model, lr, cfg.infer, segmenter=seg, soft=soft, seed=seed)))
+        side_by_side([*panels, ("HR", hr)]).save(out / f"{name}.png")
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'output':<20} {'PSNR-Y':>8} {'SSIM-Y':>8}")
-    for label, m in results.items():
-        print(f"{label:<20} {m['psnr_y']:8.2f} {m['ssim_y']:8.4f}")
-    print(f"\nwrote {out / 'side_by_side.png'} and {out / 'metrics.json'} in {time.perf_counter() - t0:.0f}s", flush=True)
+    echo(f"\nwrote {len(pairs)} side-by-sides and metrics.json to {out} in {time.perf_counter() - t0:.0f}s")
     return results
+
+
+__all__ = ["run", "train_models", "side_by_side", "bundled_photo", "RRDBOnly"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import mlflow.pyfunc
 import numpy as np
@@ -72,14 +72,69 @@ def load_method(uri: str, device: str = "cpu", tracking_uri: str | None = None) 
     return method.to(device).eval(), payload["config"]
 
 
+def load_for_inference(uri: str, overrides: Sequence[str] = (), tracking_uri: str | None = None,
+                       threads: int = 1) -> tuple[Any, Config, Any, str]:
+    """(model, its config with `overrides`, its segmenter when it needs SAM at inference, device) for a
+    batch job's actor: on the actor's GPU when it has one, else `threads` CPU threads."""
+    import torch
+
+    from samsr.structure.segmenters import build_segmenter
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(max(1, threads))      # as many as the CPUs the actor reserved
+    method, cfg = load_method(uri, device, tracking_uri or None)
+    cfg = config_mod.with_overrides(cfg, overrides)
+    segmenter = build_segmenter(cfg.segmenter) if getattr(method, "needs_sam", False) else None
+    return method, cfg, segmenter, device
+
+
+def check_model(uri: str, tracking_uri: str | None = None) -> None:
+    """Fail in seconds, before any work, when `uri` names no model: a missing file or s3:// object, an
+    MLflow run without a logged model, or an unknown registered model/alias. Raises FileNotFoundError."""
+    from samsr import storage
+
+    if not uri.startswith(MLFLOW_SCHEMES):
+        if not storage.exists(uri):
+            where = uri if storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
+            raise FileNotFoundError(f"no model at {uri!r} (looked at {where}); pass a samsr checkpoint "
+                                    "(path | s3://) or an MLflow model (runs:/<id>/model | models:/<name>@<alias>)")
+        return
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri or None)
+    try:
+        with _tracking(tracking_uri):   # MLflow 3 resolves runs:/…/model through the global tracking URI
+            _check_mlflow_model(client, uri)
+    except MlflowException as exc:
+        raise FileNotFoundError(f"no MLflow model {uri!r} on {client.tracking_uri}: "
+                                f"{str(exc).splitlines()[0][:300]}") from exc
+
+
+def _check_mlflow_model(client, uri: str) -> None:
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        client.get_run(run_id)
+        if not client.list_artifacts(run_id, path or MODEL_NAME):
+            raise FileNotFoundError(f"MLflow run {run_id} has no artifacts under {path or MODEL_NAME!r} ({uri!r}); "
+                                    f"`samsr train` logs its model as runs:/<run_id>/{MODEL_NAME}")
+    elif uri.startswith("models:/"):
+        name, _, ref = uri[len("models:/"):].partition("/")
+        name, _, alias = name.partition("@")
+        if alias:
+            client.get_model_version_by_alias(name, alias)
+        elif ref and ref.isdigit():
+            client.get_model_version(name, ref)
+        else:
+            client.get_registered_model(name)
+
+
 class SamsrPyfunc(mlflow.pyfunc.PythonModel):
     """predict(list of LR (h,w,3) uint8 arrays, or one) -> list of SR (h*s,w*s,3) uint8 arrays."""
 
     def load_context(self, context) -> None:
-        from samsr.structure.segmenters import build_segmenter
-
-        self.method, self.cfg = load_method(context.artifacts[CHECKPOINT_KEY])
-        self.segmenter = build_segmenter(self.cfg.segmenter) if getattr(self.method, "needs_sam", False) else None
+        self.method, self.cfg, self.segmenter, self.device = load_for_inference(context.artifacts[CHECKPOINT_KEY])
 
     def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:
         from samsr.infer import upscale_array
@@ -87,7 +142,7 @@ class SamsrPyfunc(mlflow.pyfunc.PythonModel):
         batch = [model_input] if isinstance(model_input, np.ndarray) and model_input.ndim == 3 else list(model_input)
         seed = int((params or {}).get("seed", self.cfg.infer.seed))
         return [upscale_array(self.method, np.asarray(img, dtype=np.uint8), self.cfg.infer, segmenter=self.segmenter,
-                              soft=self.cfg.resshift.soft_masks, seed=seed) for img in batch]
+                              soft=self.cfg.resshift.soft_masks, seed=seed, device=self.device) for img in batch]
 
 
 def log_model(tracking_uri: str, run_id: str, checkpoint_path: str) -> None:
@@ -104,4 +159,4 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_path: str) -> None:
     client.update_run(run_id, status=status)   # start_run/end_run marked it FINISHED; the job decides
 
 
-__all__ = ["MODEL_NAME", "load_method", "SamsrPyfunc", "log_model"]
+__all__ = ["MODEL_NAME", "load_method", "load_for_inference", "check_model", "SamsrPyfunc", "log_model"]

@@ -43,6 +43,20 @@ def run_params(cfg: Config) -> dict[str, str]:
     return out
 
 
+def experiment_id_for(client, name: str) -> str:
+    """The id of MLflow experiment `name`, created if missing (tolerates a concurrent creation)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:                   # created meanwhile by a concurrent run
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
 class Tracker:
     """One MLflow run; every method is a no-op when there is no tracking URI."""
 
@@ -60,7 +74,7 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
             return
-        experiment_id = self._experiment(cfg.job.experiment)
+        experiment_id = experiment_id_for(self.client, cfg.job.experiment)
         run = self.client.create_run(experiment_id, run_name=run_name,
                                      tags={"samsr.method": cfg.method, "samsr.config": cfg.name,
                                            "samsr.ray_train_name": run_name})
@@ -70,18 +84,6 @@ class Tracker:
         params = [Param(k, v) for k, v in run_params(cfg).items()]
         for i in range(0, len(params), PARAM_BATCH):
             self.client.log_batch(self.run_id, params=params[i:i + PARAM_BATCH])
-
-    def _experiment(self, name: str) -> str:
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except Exception:                   # created meanwhile by a concurrent run
-            found = self.client.get_experiment_by_name(name)
-            if found is None:
-                raise
-            return found.experiment_id
 
     def metrics(self, step: int, values: Mapping[str, float]) -> None:
         if self.client is None:
@@ -111,4 +113,42 @@ class Tracker:
             self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
 
 
-__all__ = ["Tracker", "redact_uri", "run_params", "tracking_uri"]
+def log_evaluation(cfg: Config, set_name: str, summary: Mapping[str, Mapping[str, float]],
+                   rows: list[dict]) -> str | None:
+    """Log a `samsr eval` result: metrics `eval/<set>/<key>` (means over images) and the per-image table
+    `eval/<set>/scores.json`, into the model's own run for `runs:/<id>/…`, else into a new run of
+    `eval.experiment` tagged with the model. Returns the run id (None without a tracking URI)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from samsr.evaluation import flat_means
+
+    ec = cfg.eval
+    uri = ec.tracking_uri or tracking_uri(cfg)
+    if not uri:
+        log.warning("no MLflow tracking URI (eval.tracking_uri or MLFLOW_TRACKING_URI): results are not logged")
+        return None
+    client = MlflowClient(tracking_uri=uri)
+    if ec.model.startswith("runs:/"):
+        run_id, new = ec.model[len("runs:/"):].split("/", 1)[0], False
+    else:
+        run = client.create_run(experiment_id_for(client, ec.experiment), run_name=f"eval-{set_name}",
+                                tags={"samsr.evaluated_model": redact_uri(ec.model)})
+        run_id, new = run.info.run_id, True
+    now = int(time.time() * 1000)
+    values = flat_means(summary, f"eval/{set_name}/")
+    values[f"eval/{set_name}/images"] = float(sum(r["status"] == "ok" for r in rows))
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
+    for key, value in {"hr": ec.hr, "lr": ec.lr or "(made from hr)", "samples": ec.samples, "seed": ec.seed,
+                       "crop": ec.crop}.items():
+        client.set_tag(run_id, f"samsr.eval.{set_name}.{key}", redact_uri(str(value)))
+    import pandas as pd
+
+    table = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, bytes)} for r in rows])
+    client.log_table(run_id, data=table, artifact_file=f"eval/{set_name}/scores.json")
+    if new:
+        client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
+
+__all__ = ["Tracker", "redact_uri", "run_params", "tracking_uri", "experiment_id_for", "log_evaluation"]

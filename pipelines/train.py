@@ -23,12 +23,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pipelines import validation
 from pipelines.rayenv import ensure_ray, entrypoint_parser
 from pipelines.tracking import Tracker
 from samsr import config as config_mod
 from samsr import images, storage
 from samsr.checkpoint import load_checkpoint, save_checkpoint
 from samsr.config import Config
+from samsr.ema import EMA, make_ema
 from samsr.method import build_method
 from samsr.shards import stream
 from samsr.train_step import batch_to, make_lr_schedule, make_optimizer, rrdb_pretrain_step, train_step
@@ -108,8 +110,11 @@ def _replica_spread(params: list[torch.Tensor], world: int) -> float:
     return float(hi + lo)
 
 
-def _save(method, cfg: Config, extra: dict, opt, sched, folder: Path) -> None:
-    save_checkpoint(str(folder / MODEL_FILE), {"model": method}, cfg, extra=extra)
+def _save(method, ema: EMA | None, cfg: Config, extra: dict, opt, sched, folder: Path) -> None:
+    """`model` holds the weights to use (the EMA when there is one); `live` the trained ones, for resume."""
+    modules = {"model": ema.module, "live": method} if ema is not None else {"model": method}
+    extra = {**extra, "ema_updates": ema.updates if ema is not None else 0}
+    save_checkpoint(str(folder / MODEL_FILE), modules, cfg, extra=extra)
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None},
                folder / RESUME_FILE)
 
@@ -129,18 +134,27 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)                      # identical init on every worker
     method = build_method(cfg)
 
-    resume = {"stage": "", "step": 0, "mlflow_run_id": None}
+    resume = {"stage": "", "step": 0, "mlflow_run_id": None, "ema_updates": 0}
     optim_state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             payload = load_checkpoint(str(Path(folder) / MODEL_FILE))
-            method.load_state_dict(payload["state"]["model"])
+            state = payload["state"]
+            method.load_state_dict(state.get("live", state["model"]))
             resume.update(payload["extra"])
             optim_state = torch.load(Path(folder) / RESUME_FILE, map_location="cpu", weights_only=True)
+            if "live" in state:
+                optim_state["ema"] = (state["model"], int(resume["ema_updates"]))
     method.to(device)
     tracker = Tracker(cfg, run_name(cfg), resume["mlflow_run_id"]) if rank == 0 else None
-    uris = stream.rank_shards(stream.list_shards(cfg.job.shards), rank, world)
+    all_uris = stream.list_shards(cfg.job.shards)
+    valset = validation.build(cfg, all_uris) if rank == 0 else None
+    holdout = _share(valset.holdout if valset is not None else frozenset(), world)
+    validator = validation.Validator(cfg, valset, device) if valset is not None else None
+    if valset is not None:
+        print(f"samsr train: validating on {len(valset.names)} image(s) from {valset.source}", flush=True)
+    uris = stream.rank_shards(all_uris, rank, world)
     ok = False
     try:
         order = [s for s, _ in stages(cfg)]
@@ -153,7 +167,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 continue
             final = index == len(order) - 1
             _run_stage(stage, steps, first, method, cfg, uris, rank, world, device, tracker,
-                       optim_state if first > 1 else None, fail_after, final)
+                       optim_state if first > 1 else None, fail_after, final, holdout,
+                       validator if stage != "rrdb" else None)
             optim_state = None
         ok = True
     finally:
@@ -161,9 +176,21 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             tracker.finish(ok)
 
 
+def _share(keys: frozenset[str], world: int) -> frozenset[str]:
+    """Rank 0's validation hold-out, given to every rank (each must skip those samples)."""
+    if world == 1:
+        return keys
+    import torch.distributed as dist
+
+    box = [sorted(keys)]
+    dist.broadcast_object_list(box, src=0)
+    return frozenset(box[0])
+
+
 def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, uris: list[str], rank: int, world: int,
                device: torch.device, tracker: Tracker | None, optim_state: dict | None, fail_after: int,
-               final: bool) -> None:
+               final: bool, holdout: frozenset[str] = frozenset(),
+               validator: validation.Validator | None = None) -> None:
     import ray.train
     import ray.train.torch
 
@@ -180,7 +207,12 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, uris: li
         module = LossModule(method)
         opt = make_optimizer(method.trainable_parameters(), tc.lr)
         sched = make_lr_schedule(opt, tc)
+    # the weights' EMA (rank 0: it alone validates and saves) for the method's own stage, not RRDB pretraining
+    ema = make_ema(method, tc.ema_decay) if rank == 0 and stage != "rrdb" else None
+    sampled = ema.module if ema is not None else method        # what validation and the sample grids use
     if optim_state is not None:
+        if ema is not None and "ema" in optim_state:
+            ema.load_state_dict(*optim_state["ema"])
         opt.load_state_dict(optim_state["optimizer"])
         if sched is not None and optim_state["scheduler"] is not None:
             sched.load_state_dict(optim_state["scheduler"])
@@ -189,7 +221,7 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, uris: li
     batches = stream.batches(uris, batch_size=per_worker_batch(cfg), hr_crop=cfg.data.hr_crop, scale=cfg.data.scale,
                              seed=tc.seed + 7919 * first, rank=rank, pool=cfg.job.sample_pool,
                              crops_per_sample=cfg.job.crops_per_sample, flips=cfg.data.flips,
-                             need_cover=cfg.method == "samsr-student")
+                             need_cover=cfg.method == "samsr-student", exclude=holdout)
     generator = torch.Generator(device).manual_seed(tc.seed * 1009 + rank * 7 + first)
     preview = batch_to(next(batches), device) if rank == 0 and stage != "rrdb" else None
     via = _ViaModule(wrapped)
@@ -201,8 +233,14 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, uris: li
         else:
             metrics = train_step(via, opt, batch, generator, tc.grad_clip, tc.bf16)
             sched.step()
+            if ema is not None:
+                ema.update(method)
         seen += batch["hr"].shape[0] * world
         is_last = step == steps
+        if validator is not None and (step % tc.eval_every == 0 or is_last):
+            scores = validator(sampled)
+            if tracker is not None:
+                tracker.metrics(step, scores)
         if step % tc.log_every == 0 or is_last:
             values = {f"{stage}/{k}" if stage == "rrdb" else k: v for k, v in metrics.items()}
             values["lr" if stage != "rrdb" else "rrdb/lr"] = opt.param_groups[0]["lr"]
@@ -216,12 +254,12 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, uris: li
             if rank == 0:
                 with tempfile.TemporaryDirectory() as folder:
                     extra = {"stage": stage, "step": step, "mlflow_run_id": tracker.run_id if tracker else None}
-                    _save(method, cfg, extra, opt, sched, Path(folder))
+                    _save(method, ema, cfg, extra, opt, sched, Path(folder))
                     if tracker is not None:
                         tracker.metrics(step, {"replica_param_spread": spread})
                         tracker.artifact(str(Path(folder) / MODEL_FILE), "checkpoint")
                         if preview is not None:
-                            tracker.image(sample_grid(method, preview, tc.seed), f"samples/step-{step:07d}.png")
+                            tracker.image(sample_grid(sampled, preview, tc.seed), f"samples/step-{step:07d}.png")
                         if final and is_last:
                             tracker.model(str(Path(folder) / MODEL_FILE))
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))

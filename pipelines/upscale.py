@@ -89,17 +89,10 @@ class UpscaleActor:
 
     def __init__(self, model: str, model_overrides: Sequence[str], tracking_uri: str, level: int,
                  threads: int = 1) -> None:
-        import torch
+        from pipelines.mlflow_model import load_for_inference
 
-        from pipelines.mlflow_model import load_method
-        from samsr.structure.segmenters import build_segmenter
-
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, threads))     # as many as the CPUs the actor reserved
-        self.method, cfg = load_method(model, self.device, tracking_uri or None)
-        self.cfg = config_mod.with_overrides(cfg, model_overrides)
-        self.segmenter = build_segmenter(self.cfg.segmenter) if getattr(self.method, "needs_sam", False) else None
+        self.method, self.cfg, self.segmenter, self.device = load_for_inference(model, model_overrides,
+                                                                                tracking_uri, threads)
         self.level = level
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -140,6 +133,9 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
         if not getattr(uc, name):
             raise config_mod.ConfigError(f"upscale.{name} is required")
     check_model_overrides(model_overrides)
+    from pipelines.mlflow_model import check_model
+
+    check_model(uc.model, uc.tracking_uri or None)      # in seconds, before any listing or decoding
     t0 = time.perf_counter()
     items, rows = plan(cfg)
     if items:
@@ -171,10 +167,7 @@ __all__ = ["run", "plan", "output_key", "decode_row", "UpscaleActor", "MANIFEST"
 
 def parser():
     """The entrypoint's arguments (`cluster/` manifests are checked against it)."""
-    p = entrypoint_parser("pipelines.upscale", __doc__.splitlines()[0], "upscale.input=s3://bucket/lr")
-    p.add_argument("--model-set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the model's own infer.* or segmenter.* settings, e.g. infer.tile=128")
-    return p
+    return entrypoint_parser("pipelines.upscale", __doc__.splitlines()[0], "upscale.input=s3://bucket/lr", model_set=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,7 @@ class UNetConfig:
     mults: tuple[int, ...] = (1, 2, 3, 4)
     blocks_per_level: int = 2
     dropout: float = 0.0
+    norm_groups: int = 8             # GroupNorm groups (at most); 0 = no normalisation (SRDiff/SAM-DiffSR's UNet)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 5_000
     bf16: bool = False                  # autocast to bfloat16 on CUDA
+    ema_decay: float = 0.999            # EMA of the weights used by validation, eval and the logged model; 0 = off
+    eval_every: int = 5_000             # validation every N steps and at the last step (samsr train); 0 = off
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,9 @@ class JobConfig:
     tracking_uri: str = ""              # MLflow server; "" = $MLFLOW_TRACKING_URI (none: no MLflow logging)
     sample_pool: int = 16               # decoded samples held per worker; crops are drawn from the pool
     crops_per_sample: int = 8           # crops drawn per sample while it is in the pool (on average)
+    val: str = ""                       # HR images (folder | s3://) to validate on; "" = hold out shard samples
+    val_images: int = 4                 # images in the validation set (the first N, sorted); 0 = no validation
+    val_crop: int = 256                 # central HR crop side of each validation image (px; 0 = whole image)
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,26 @@ class UpscaleConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation job (`samsr eval`, pipelines/eval.py)."""
+    model: str = ""                     # samsr checkpoint (path | s3://) or MLflow model (runs:/… | models:/…)
+    hr: str = ""                        # folder or s3:// prefix of HR images (listed recursively)
+    lr: str = ""                        # LR images matched to HR by key; "" = made from HR as `samsr shard` does
+    set_name: str = ""                  # name in the metric keys eval/<set>/…; "" = the HR folder's name
+    samples: int = 1                    # samples per image with seeds seed, seed+1, …
+    seed: int = 0
+    crop: int = 0                       # central HR crop side (px) to bound time; 0 = whole images
+    output: str = ""                    # folder or s3:// prefix for scores.jsonl + summary.json; "" = not written
+    lpips_weights: str = ""             # LPIPS-AlexNet state_dict (path | s3://); "" = no LPIPS
+    tracking_uri: str = ""              # MLflow server; "" = $MLFLOW_TRACKING_URI (none: results not logged)
+    experiment: str = "samsr-eval"      # MLflow experiment of the run made for a model that is not runs:/…
+    actors: int = 1                     # model actor pool size
+    gpus_per_actor: float = 1.0         # used only when the cluster has GPUs
+    cpus_per_actor: float = 1.0
+    limit: int = 0                      # only the first N HR images of the sorted listing (0 = all)
+
+
+@dataclass(frozen=True)
 class Config:
     method: str = "samdiffsr"
     name: str = "samdiffsr"
@@ -183,6 +209,7 @@ class Config:
     shard: ShardConfig = field(default_factory=ShardConfig)
     job: JobConfig = field(default_factory=JobConfig)
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -343,6 +370,6 @@ def replace(cfg: Any, **changes: Any) -> Any:
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "SegmenterConfig", "RRDBConfig", "UNetConfig",
-    "SamDiffSRConfig", "ResShiftConfig", "TrainConfig", "InferConfig", "ShardConfig", "JobConfig", "UpscaleConfig", "METHODS", "SEGMENTERS",
+    "SamDiffSRConfig", "ResShiftConfig", "TrainConfig", "InferConfig", "ShardConfig", "JobConfig", "UpscaleConfig", "EvalConfig", "METHODS", "SEGMENTERS",
     "load", "from_dict", "to_dict", "flatten", "dump_yaml", "parse_override", "presets", "replace",
 ]

@@ -178,10 +178,11 @@ def sam_inputs(y_up: np.ndarray, segmenter, soft: bool = False, device: torch.de
                       "noise_rms": torch.tensor([noise_rms], device=device)}}
 
 
-def upscale_array(method: SRMethod, lr: np.ndarray, cfg: InferConfig, *, segmenter=None, soft: bool = False,
-                  seed: int | None = None, device: torch.device | str = "cpu") -> np.ndarray:
-    """One LR image (h,w,3) uint8 -> its SR (h*s,w*s,3) uint8 with tiled inference; a method that
-    needs SAM at inference (`needs_sam`: the SAMSR student) gets one SAM pass over y↑ from `segmenter`."""
+def upscale_samples(method: SRMethod, lr: np.ndarray, cfg: InferConfig, seeds: Sequence[int | None], *,
+                    segmenter=None, soft: bool = False, device: torch.device | str = "cpu") -> list[np.ndarray]:
+    """One LR image (h,w,3) uint8 -> one SR (h*s,w*s,3) uint8 per seed, with tiled inference; a method
+    that needs SAM at inference (`needs_sam`: the SAMSR student) gets one SAM pass over y↑ from
+    `segmenter`, shared by all the samples."""
     from samsr import images
     from samsr.data import lr_upsampled
 
@@ -192,5 +193,11 @@ def upscale_array(method: SRMethod, lr: np.ndarray, cfg: InferConfig, *, segment
         kwargs = sam_inputs(lr_upsampled(lr, method.scale), segmenter, soft, device)
     lr_t = images.to_tensor(lr)[None].to(device)
     with torch.no_grad():
-        sr = super_resolve_image(method, lr_t, cfg, seed=seed, **kwargs)
-    return images.to_uint8(sr.float().cpu())[0]
+        return [images.to_uint8(super_resolve_image(method, lr_t, cfg, seed=seed, **kwargs).float().cpu())[0]
+                for seed in seeds]
+
+
+def upscale_array(method: SRMethod, lr: np.ndarray, cfg: InferConfig, *, segmenter=None, soft: bool = False,
+                  seed: int | None = None, device: torch.device | str = "cpu") -> np.ndarray:
+    """One LR image (h,w,3) uint8 -> its SR (h*s,w*s,3) uint8: `upscale_samples` with one seed."""
+    return upscale_samples(method, lr, cfg, [seed], segmenter=segmenter, soft=soft, device=device)[0]

@@ -11,6 +11,7 @@ import torch
 
 from samsr.config import Config
 from samsr.data import Sample, make_batch
+from samsr.ema import EMA
 from samsr.method import SRMethod
 from samsr.train_step import make_lr_schedule, make_optimizer, rrdb_pretrain_step, train_step
 
@@ -44,8 +45,9 @@ def pretrain_rrdb(rrdb: torch.nn.Module, samples: Sequence[Sample], cfg: Config,
 
 
 def train(method: SRMethod, samples: Sequence[Sample], cfg: Config, seed: int,
-          iterations: int | None = None, log: Log = _quiet) -> list[dict[str, float]]:
-    """Train `method` for `iterations` (default cfg.train.iterations) steps. Returns per-step metrics."""
+          iterations: int | None = None, log: Log = _quiet, ema: EMA | None = None) -> list[dict[str, float]]:
+    """Train `method` for `iterations` (default cfg.train.iterations) steps, updating `ema` (if given)
+    after every step. Returns per-step metrics."""
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     steps = cfg.train.iterations if iterations is None else iterations
@@ -56,6 +58,8 @@ def train(method: SRMethod, samples: Sequence[Sample], cfg: Config, seed: int,
         batch = make_batch(samples, cfg.train.batch_size, cfg.data.hr_crop, cfg.data.scale, rng, cfg.data.flips)
         metrics = train_step(method, opt, batch, generator, cfg.train.grad_clip)
         sched.step()
+        if ema is not None:
+            ema.update(method)
         history.append(metrics)
         if step % cfg.train.log_every == 0 or step == steps:
             log(step, metrics)

@@ -31,7 +31,7 @@ def check_entrypoint(command: str) -> str:
 
 
 def test_rayjobs_name_valid_entrypoints_on_the_samsr_cluster():
-    assert [p.name for p in JOBS] == ["rayjob-shard.yaml", "rayjob-train.yaml", "rayjob-upscale.yaml"]
+    assert [p.name for p in JOBS] == ["rayjob-eval.yaml", "rayjob-shard.yaml", "rayjob-train.yaml", "rayjob-upscale.yaml"]
     cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
     assert cluster["kind"] == "RayCluster" and cluster["spec"]["rayVersion"] == ray.__version__
     for path in JOBS:

@@ -1,5 +1,6 @@
 """`samsr quickstart` end to end in a fresh process, as a user runs it: local stack up (moto S3, MLflow,
-token-auth Ray head), shard -> train -> upscale on bundled photos, scores, then `samsr local down`."""
+token-auth Ray head), shard -> train (with validation) -> upscale -> eval on bundled photos, then
+`samsr local down`."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import pytest
 
 from pipelines import local
 
-BICUBIC_COFFEE_PSNR_Y = 27.37962978559384     # as in test_demo: deterministic
+BICUBIC_COFFEE_PSNR_Y_256 = 27.128934704400947    # bicubic x4 of coffee's central 256 px: deterministic
 
 
 @pytest.mark.slow
@@ -28,15 +29,19 @@ def test_quickstart_shards_trains_and_upscales_on_a_local_stack(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert local.status(stack) == {"s3": True, "mlflow": True, "ray": True}
         results = json.loads((work / "metrics.json").read_text())
-        assert set(results) == {"coffee", "camera"}
-        assert results["coffee"]["bicubic"]["psnr_y"] == pytest.approx(BICUBIC_COFFEE_PSNR_Y, abs=1e-9)
-        for name, rows in results.items():       # a briefly trained model: a real image, not noise
-            assert 15.0 < rows["SAM-DiffSR"]["psnr_y"] < 40.0, name
+        assert set(results["photos"]) == {"coffee", "camera", "moon", "grace_hopper"} and results["samples"] == 2
+        assert results["photos"]["coffee"]["bicubic_psnr_y"] == pytest.approx(BICUBIC_COFFEE_PSNR_Y_256, abs=1e-9)
+        for name, row in results["photos"].items():       # a briefly trained model: a real image, not noise
+            assert 15.0 < row["psnr_y"] < 45.0 and "mean_of_samples_psnr_y" in row, name
+        assert "mean of 2 samples" in proc.stdout and "bicubic" in proc.stdout
         state = local.read_state(stack)
         client = MlflowClient(state["mlflow"])
         (run,) = client.search_runs([client.get_experiment_by_name("samsr-quickstart").experiment_id])
         assert run.info.status == "FINISHED" and run.data.params["method"] == "samdiffsr"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "rrdb/rrdb_l1")][-1] == 20
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr_y")] == [20]
+        assert run.data.metrics["eval/bundled-holdout/bicubic_psnr_y"] == pytest.approx(
+            results["summary"]["bicubic_psnr_y"]["mean"])
         assert f"run {run.info.run_id}" in proc.stdout
         assert "token" not in json.dumps(state) and oct((stack / local.TOKEN).stat().st_mode & 0o777) == "0o600"
     finally:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.demo import bundled_photo
+from pipelines.photos import bundled_photo
 from samsr import config, storage
 from samsr.checkpoint import load_checkpoint
 from samsr.diffusion.samdiffsr import SamDiffSR
@@ -81,7 +81,8 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
         f"job.shards={shards}", f"job.storage={tmp_path / 'runs'}", "job.name=resume-test",
         "job.num_workers=2", f"job.tracking_uri={mlflow_server}", "job.experiment=train-job-test",
         "job.sample_pool=2", "job.crops_per_sample=2", "train.iterations=6", "train.checkpoint_every=3",
-        "train.log_every=1", "train.batch_size=4", "train.num_threads=1", "data.hr_crop=32"])
+        "train.log_every=1", "train.batch_size=4", "train.num_threads=1", "data.hr_crop=32",
+        "train.eval_every=3", "job.val_images=1", "job.val_crop=48"])
     with pytest.raises(Exception, match="fail_after_steps"):
         train.run(cfg, fail_after_steps=4)
     client = MlflowClient(mlflow_server)
@@ -100,6 +101,15 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
     assert run.data.params["job.tracking_uri"] == mlflow_server          # no credentials in it to redact
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6] and steps.count(4) == 2   # step 4 ran again after resume
+    # validation on the held-out shard sample (EMA weights, fixed seed) at steps 3 and 6, bicubic beside it
+    val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/psnr_y")}
+    bicubic = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/bicubic_psnr_y")}
+    assert sorted(val) == sorted(bicubic) == [3, 6]
+    assert len(set(bicubic.values())) == 1 and 15.0 < bicubic[3] < 45.0
+    assert abs(val[6] - bicubic[6]) < 1.0                  # 6 tiny steps from a zero-initialised residual
+    delta = client.get_metric_history(run.info.run_id, "val/delta_psnr_y")
+    assert [m.value for m in delta if m.step == 6] == [pytest.approx(val[6] - bicubic[6])]
+    assert {"val/ssim_y", "val/haarpsi", "val/bicubic_haarpsi"} <= set(run.data.metrics)
     spread = client.get_metric_history(run.info.run_id, "replica_param_spread")   # DDP kept replicas equal
     assert sorted((m.step, m.value) for m in spread) == [(3, 0.0), (6, 0.0)]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
@@ -129,6 +139,22 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
         mlflow.set_tracking_uri(None)
     assert sr.shape == (96, 80, 3) and sr.dtype == np.uint8
     assert not list(model_dir.rglob("*.pkl"))                  # models from code: nothing pickled
+
+    # `samsr eval --model runs:/…` adds eval/<set>/* and the per-image table to that same run
+    from pipelines import eval as eval_job
+
+    (tmp_path / "val").mkdir()
+    for name in ("coffee", "camera"):
+        (tmp_path / "val" / f"{name}.png").write_bytes(photo_png(name))
+    result = eval_job.run(config.load("samsr-teacher-tiny", [
+        f"eval.model=runs:/{run.info.run_id}/model", f"eval.hr={tmp_path / 'val'}", "eval.set_name=two-photos",
+        f"eval.tracking_uri={mlflow_server}", "eval.cpus_per_actor=0.5"]))
+    assert result["ok"] == 2 and result["mlflow_run_id"] == run.info.run_id
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert logged["eval/two-photos/psnr_y"] == pytest.approx(result["summary"]["psnr_y"]["mean"])
+    assert logged["eval/two-photos/bicubic_psnr_y"] == pytest.approx(result["summary"]["bicubic_psnr_y"]["mean"])
+    assert logged["eval/two-photos/images"] == 2.0
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "eval/two-photos")] == ["eval/two-photos/scores.json"]
 
 
 @pytest.mark.slow
@@ -170,10 +196,11 @@ def test_cli_flags_map_to_config_overrides_and_bad_splits_are_refused():
     args = cli.build_parser().parse_args(
         ["train", "--config", "samsr-teacher-tiny", "--shards", "s3://b/shards", "--storage", "s3://b/runs",
          "--name", "r1", "--num-workers", "4", "--use-gpu", "--experiment", "e", "--tracking-uri", "http://h:5000",
-         "--iterations", "9", "--set", "train.batch_size=8"])
+         "--iterations", "9", "--val", "s3://b/val-hr", "--set", "train.batch_size=8"])
     cfg = config.load(args.config, cli.train_overrides(args))
     assert (cfg.job.shards, cfg.job.storage, cfg.job.name, cfg.job.num_workers) == ("s3://b/shards", "s3://b/runs", "r1", 4)
     assert (cfg.job.use_gpu, cfg.job.experiment, cfg.job.tracking_uri, cfg.train.iterations) == (True, "e", "http://h:5000", 9)
+    assert cfg.job.val == "s3://b/val-hr"
     assert train.per_worker_batch(cfg) == 2
     with pytest.raises(config.ConfigError, match="train.batch_size=6 must split evenly over job.num_workers=4"):
         train.per_worker_batch(config.replace(cfg, train=config.replace(cfg.train, batch_size=6)))

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pipelines import upscale
-from pipelines.demo import bundled_photo
+from pipelines.photos import bundled_photo
 from samsr import config, images, storage
 from samsr.checkpoint import save_checkpoint
 from samsr.diffusion.samsr import ResShiftTeacher, SamsrStudent

@@ -131,7 +131,7 @@ class Denoiser(nn.Module):
     def __init__(self, unet: UNetConfig, channels: int = 3) -> None:
         super().__init__()
         self.unet = UNet(2 * channels, channels, base=unet.base, mults=unet.mults, blocks_per_level=unet.blocks_per_level,
-                         dropout=unet.dropout, zero_init_out=True)
+                         dropout=unet.dropout, zero_init_out=True, norm_groups=unet.norm_groups)
 
     def forward(self, x_in: Tensor, y_up: Tensor, t: Tensor | float) -> Tensor:
         """x_in (already scaled) and y↑ (B,C,H,W), t (B,) or a float -> x̂ (B,C,H,W)."""

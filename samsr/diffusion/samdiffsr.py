@@ -153,7 +153,7 @@ class SamDiffSR(nn.Module):
         scale, sd = cfg.data.scale, cfg.samdiffsr
         rrdb = RRDBNet(cfg.rrdb.num_feat, cfg.rrdb.num_block, cfg.rrdb.grow, scale)
         denoiser = UNet(3, 3, cfg.unet.base, cfg.unet.mults, cfg.unet.blocks_per_level, cfg.unet.dropout,
-                        cond_ch=rrdb.cond_channels, scale=scale)
+                        cond_ch=rrdb.cond_channels, scale=scale, norm_groups=cfg.unet.norm_groups)
         return cls(rrdb, denoiser, make_schedule(sd.timesteps, sd.cosine_s, sd.max_beta), scale,
                    sd.res_rescale, sd.structure_modulation)
 

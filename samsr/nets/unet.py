@@ -1,5 +1,10 @@
 """Time-conditioned UNet, optionally conditioned on RRDB features the SRDiff way (METHOD.md §A).
 
+Normalisation: GroupNorm (up to `norm_groups` groups) as in ResShift's UNet, or none (`norm_groups=0`) as
+in SRDiff/SAM-DiffSR's UNet. GroupNorm removes each group's mean over the image, so a small, briefly
+trained ε-predictor cannot carry the noise's per-channel mean through, and its 100-step samples drift
+into a colour cast (docs/decisions.md); the SAM-DiffSR presets use 0.
+
 Used as SAM-DiffSR's ε-predictor (cond = RRDB features) and as SAMSR's x̂-predictor (no cond,
 `zero_init_out=True` so that x̂ = y↑ + residual starts at bicubic, METHOD.md §B).
 """
@@ -21,8 +26,9 @@ def group_count(channels: int, most: int = 8) -> int:
     return groups
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(group_count(channels), channels)
+def _norm(channels: int, most: int) -> nn.Module:
+    """GroupNorm with up to `most` groups; `most` = 0 means no normalisation (SRDiff's UNet, `groups = 0`)."""
+    return nn.GroupNorm(group_count(channels, most), channels) if most > 0 else nn.Identity()
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -37,11 +43,11 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, time embedding added in between, 1x1 skip when channels change."""
 
-    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float) -> None:
+    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float, norm_groups: int = 8) -> None:
         super().__init__()
-        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm1, self.conv1 = _norm(cin, norm_groups), nn.Conv2d(cin, cout, 3, padding=1)
         self.time = nn.Linear(temb_dim, cout)
-        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm2, self.conv2 = _norm(cout, norm_groups), nn.Conv2d(cout, cout, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -55,9 +61,10 @@ class ResBlock(nn.Module):
 class Level(nn.Module):
     """`n` res blocks at one resolution; the first maps cin -> cout."""
 
-    def __init__(self, cin: int, cout: int, n: int, temb_dim: int, dropout: float) -> None:
+    def __init__(self, cin: int, cout: int, n: int, temb_dim: int, dropout: float, norm_groups: int = 8) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(ResBlock(cin if i == 0 else cout, cout, temb_dim, dropout) for i in range(n))
+        self.blocks = nn.ModuleList(ResBlock(cin if i == 0 else cout, cout, temb_dim, dropout, norm_groups)
+                                    for i in range(n))
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         for block in self.blocks:
@@ -81,7 +88,7 @@ class UNet(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, base: int = 64, mults: Sequence[int] = (1, 2, 3, 4),
                  blocks_per_level: int = 2, dropout: float = 0.0, cond_ch: int = 0, scale: int = 4,
-                 zero_init_out: bool = False) -> None:
+                 zero_init_out: bool = False, norm_groups: int = 8) -> None:
         super().__init__()
         if not mults or blocks_per_level < 1:
             raise ValueError(f"UNet needs at least one level and one block per level, got mults={tuple(mults)}, "
@@ -97,18 +104,18 @@ class UNet(nn.Module):
         self.downsamples = nn.ModuleList()
         prev = base
         for i, ch in enumerate(chs):
-            self.downs.append(Level(prev, ch, blocks_per_level, temb_dim, dropout))
+            self.downs.append(Level(prev, ch, blocks_per_level, temb_dim, dropout, norm_groups))
             last = i == len(chs) - 1
             self.downsamples.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
             prev = ch
-        self.mid = Level(prev, prev, 2, temb_dim, dropout)
+        self.mid = Level(prev, prev, 2, temb_dim, dropout, norm_groups)
         self.ups = nn.ModuleList()
         self.upsamples = nn.ModuleList()
         for i in reversed(range(len(chs))):
-            self.ups.append(Level(prev + chs[i], chs[i], blocks_per_level, temb_dim, dropout))
+            self.ups.append(Level(prev + chs[i], chs[i], blocks_per_level, temb_dim, dropout, norm_groups))
             self.upsamples.append(Upsample(chs[i]) if i > 0 else nn.Identity())
             prev = chs[i]
-        self.norm_out = _norm(prev)
+        self.norm_out = _norm(prev, norm_groups)
         self.conv_out = nn.Conv2d(prev, out_ch, 3, padding=1)
         if zero_init_out:  # x̂ = y↑ + residual starts as y↑ (METHOD.md §B)
             nn.init.zeros_(self.conv_out.weight)

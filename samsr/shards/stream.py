@@ -66,19 +66,22 @@ def sample_from_members(key: str, members: dict[str, bytes], need_cover: bool) -
     return Sample(key, hr, d["lr.png"], d["hr.seg.png"], d["hr.spe.npy"], cover, cover_max, noise_rms)
 
 
-def iter_samples(uris: Sequence[str], rng: np.random.Generator, need_cover: bool) -> Iterator[Sample]:
-    """One pass over `uris` in a shuffled order, samples of each shard shuffled too."""
+def iter_samples(uris: Sequence[str], rng: np.random.Generator, need_cover: bool,
+                 exclude: frozenset[str] = frozenset()) -> Iterator[Sample]:
+    """One pass over `uris` in a shuffled order, samples of each shard shuffled too; keys in `exclude`
+    (the validation hold-out) are skipped."""
     for i in rng.permutation(len(uris)):
         members = read_tar(storage.read_bytes(uris[int(i)]))
-        keys = sorted(members)
+        keys = sorted(k for k in members if k not in exclude)
         for j in rng.permutation(len(keys)):
             yield sample_from_members(keys[int(j)], members[keys[int(j)]], need_cover)
 
 
 def batches(uris: Sequence[str], *, batch_size: int, hr_crop: int, scale: int, seed: int, rank: int = 0,
             pool: int = 16, crops_per_sample: int = 8, flips: bool = True,
-            need_cover: bool = False, prefetch: int = 4) -> Iterator[dict]:
-    """Endless batch dicts (samsr/method.py keys) from the shards `uris`, for one worker."""
+            need_cover: bool = False, prefetch: int = 4, exclude: frozenset[str] = frozenset()) -> Iterator[dict]:
+    """Endless batch dicts (samsr/method.py keys) from the shards `uris` minus the keys in `exclude`,
+    for one worker. A pass that finds no sample is an error (it would otherwise loop for ever)."""
     if pool < 1 or crops_per_sample < 1:
         raise ValueError(f"job.sample_pool={pool} and job.crops_per_sample={crops_per_sample} must be >= 1")
     refill = math.ceil(batch_size / crops_per_sample)
@@ -86,7 +89,14 @@ def batches(uris: Sequence[str], *, batch_size: int, hr_crop: int, scale: int, s
 
     def endless() -> Iterator[Sample]:
         for passes in itertools.count():
-            yield from iter_samples(uris, np.random.default_rng([seed, rank, passes]), need_cover)
+            found = 0
+            for sample in iter_samples(uris, np.random.default_rng([seed, rank, passes]), need_cover, exclude):
+                found += 1
+                yield sample
+            if not found:
+                raise ValueError(f"no training samples in the {len(uris)} shard(s) of rank {rank} "
+                                 f"({', '.join(uris[:3])}{' …' if len(uris) > 3 else ''}) after holding out "
+                                 f"{len(exclude)} for validation; add shards, pass --val, or lower job.val_images")
 
     source = _prefetched(endless(), prefetch)
     resident: deque[Sample] = deque(maxlen=pool)

@@ -1,0 +1,107 @@
+"""`samsr eval` (pipelines/eval.py): Ray Data scoring of HR images on S3 (moto server) against bicubic,
+bad inputs recorded, LR matched by key, results in MLflow; clear up-front errors from the CLI."""
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import cli
+from pipelines import eval as eval_job
+from pipelines.photos import bundled_photo
+from samsr import config, evaluation, images, storage
+from samsr.checkpoint import save_checkpoint
+from samsr.data import lr_upsampled
+from samsr.diffusion.samsr import ResShiftTeacher
+
+
+def png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def untrained_teacher_checkpoint(uri: str) -> None:
+    torch.manual_seed(0)
+    cfg = config.load("samsr-teacher-tiny")
+    save_checkpoint(uri, {"model": ResShiftTeacher.from_config(cfg)}, cfg)
+
+
+def test_set_names_and_lr_matching(tmp_path):
+    assert eval_job.set_name(config.EvalConfig(hr="s3://b/div2k/valid_hr/")) == "valid_hr"
+    assert eval_job.set_name(config.EvalConfig(hr="x", set_name="Set 5!")) == "Set-5"
+    (tmp_path / "hr" / "a").mkdir(parents=True)
+    (tmp_path / "lr" / "a").mkdir(parents=True)
+    for name in ("a/0801.png", "b.png", "c.png"):
+        (tmp_path / "hr" / name).write_bytes(b"x")
+    (tmp_path / "lr" / "a" / "0801x4.png").write_bytes(b"x")       # DIV2K's LR naming
+    (tmp_path / "lr" / "b.jpg").write_bytes(b"x")                  # another suffix, same stem
+    cfg = config.load("samdiffsr-tiny", [f"eval.hr={tmp_path / 'hr'}", f"eval.lr={tmp_path / 'lr'}"])
+    items, failed = eval_job.plan(cfg)
+    assert [(i["key"], i["lr"].split("/lr/")[1]) for i in items] == [("a/0801.png", "a/0801x4.png"), ("b.png", "b.jpg")]
+    assert [(f["key"], f["reason"]) for f in failed] == [("c.png", "no_lr")]
+
+
+def test_cli_refuses_lpips_without_weights_and_a_missing_model_in_seconds(tmp_path, capsys):
+    import ray
+
+    (tmp_path / "hr").mkdir()
+    (tmp_path / "hr" / "a.png").write_bytes(png(bundled_photo("coffee")[:64, :64]))
+    untrained_teacher_checkpoint(str(tmp_path / "model.pt"))
+    t0 = time.perf_counter()
+    rc = cli.main(["eval", "--model", str(tmp_path / "model.pt"), "--hr", str(tmp_path / "hr"),
+                   "--lpips-weights", str(tmp_path / "lpips_alex.pth")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "LPIPS weights not found at" in err and "never computed with random weights" in err
+    rc = cli.main(["eval", "--model", str(tmp_path / "nope.pt"), "--hr", str(tmp_path / "hr")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and f"looked at {tmp_path / 'nope.pt'}" in err
+    assert time.perf_counter() - t0 < 10 and not ray.is_initialized()      # refused before any work
+
+
+@pytest.mark.slow
+def test_eval_on_s3_records_bad_inputs_and_matches_lr_by_key(ray_local, s3, tmp_path):
+    bucket = s3.bucket("eval-job")
+    good = {"a.png": bundled_photo("coffee")[:70, :90], "sub/b.png": bundled_photo("chelsea")[:64, :64]}
+    for key, img in good.items():
+        storage.write_bytes(f"{bucket}/hr/{key}", png(img))
+    storage.write_bytes(f"{bucket}/hr/bad.png", b"not an image at all")
+    storage.write_bytes(f"{bucket}/hr/odd\\name.png", png(good["a.png"]))
+    untrained_teacher_checkpoint(f"{bucket}/models/teacher.pt")
+    job = config.load("samdiffsr-tiny", [f"eval.model={bucket}/models/teacher.pt", f"eval.hr={bucket}/hr",
+                                         f"eval.output={bucket}/eval-out", "eval.samples=2",
+                                         "eval.cpus_per_actor=0.5"])
+    result = eval_job.run(job)
+    assert (result["ok"], result["failed"], result["set"]) == (2, 2, "hr") and eval_job.exit_code(result) == 0
+    rows = {r["key"] or r["hr"].rsplit("/", 1)[1]: r for r in
+            map(json.loads, storage.read_text(f"{bucket}/eval-out/scores.jsonl").splitlines())}
+    assert {k: (r["status"], r["reason"]) for k, r in rows.items()} == {
+        "a.png": ("ok", ""), "sub/b.png": ("ok", ""), "bad.png": ("failed", "corrupt"),
+        "odd\\name.png": ("failed", "unsafe_key")}
+    for key, img in good.items():       # untrained teacher = bicubic, LR made as the shard job makes it
+        hr, lr = evaluation.pair_from_hr(img, 4)
+        want = evaluation.score(lr_upsampled(lr, 4), hr, 4)
+        assert rows[key]["psnr_y"] == rows[key]["bicubic_psnr_y"] == pytest.approx(want["psnr_y"], abs=1e-9)
+        assert rows[key]["mean_of_samples_haarpsi"] == pytest.approx(want["haarpsi"], abs=1e-9)
+    summary = json.loads(storage.read_text(f"{bucket}/eval-out/summary.json"))
+    assert summary["summary"]["delta_psnr_y"]["mean"] == 0.0 and summary["samples"] == 2
+
+    # given LR, matched by key; a pair whose sizes disagree is recorded, the rest goes on
+    hr_img = images.crop_to_multiple(good["a.png"], 4)
+    storage.write_bytes(f"{bucket}/pairs/hr/x.png", png(hr_img))
+    storage.write_bytes(f"{bucket}/pairs/lr/xx4.png", png(images.make_lr(hr_img, 4)))
+    storage.write_bytes(f"{bucket}/pairs/hr/y.png", png(hr_img))
+    storage.write_bytes(f"{bucket}/pairs/lr/y.png", png(images.make_lr(hr_img, 4)[:-2]))
+    paired = eval_job.run(config.load("samdiffsr-tiny", [
+        f"eval.model={bucket}/models/teacher.pt", f"eval.hr={bucket}/pairs/hr", f"eval.lr={bucket}/pairs/lr",
+        "eval.cpus_per_actor=0.5", "eval.set_name=pairs", f"eval.output={tmp_path / 'pairs'}"]))
+    assert (paired["ok"], paired["failed"]) == (1, 1) and eval_job.exit_code(paired) == 0
+    reasons = {r["key"]: r["reason"] for r in map(json.loads, (tmp_path / "pairs" / "scores.jsonl").read_text().splitlines())}
+    assert reasons == {"x.png": "", "y.png": "size_mismatch"}
+    assert paired["summary"]["psnr_y"]["mean"] == pytest.approx(rows["a.png"]["psnr_y"], abs=1e-9)
