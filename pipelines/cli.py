@@ -11,6 +11,7 @@ import sys
 from typing import Sequence
 
 from samsr import config as config_mod
+from samsr.locations import EXIT_USAGE, LocationError
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -273,10 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except config_mod.ConfigError as exc:
         print(f"samsr: config error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:        # a missing model, input or weights file: one line, where we looked
+        return EXIT_USAGE
+    except (FileNotFoundError, LocationError) as exc:   # missing model/input/bucket, overlap: one line, where we looked
         print(f"samsr {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":
