@@ -27,7 +27,9 @@ def _add_model_job_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--actors", type=int, default=None, help="model actor pool size (default 1)")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor when the cluster has GPUs (default 1)")
-    p.add_argument("--tile", type=int, default=None, help="LR tile side in px for large images (0 = whole image)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="LR tile side in px (default: the model's infer.tile; 0 = auto: one pass up to "
+                        "infer.auto_tile px a side, tiles of that side above)")
     p.add_argument("--limit", type=int, default=None, help="only the first N inputs of the sorted listing")
     p.add_argument("--tracking-uri", default=None, help="MLflow server for runs:/ models (default $MLFLOW_TRACKING_URI)")
     add_model_set(p)
@@ -48,8 +50,15 @@ def _as_overrides(flags: dict, explicit: Sequence[str]) -> list[str]:
 
 
 def shard_overrides(args: argparse.Namespace) -> list[str]:
-    """`samsr shard` flags -> `--set` overrides (segmenter.*, data.scale, shard.*), explicit --set last."""
-    flags = {"shard.input": args.input, "shard.output": args.output, "segmenter.kind": args.segmenter,
+    """`samsr shard` flags -> `--set` overrides (segmenter.*, data.scale, shard.*), explicit --set last.
+    `--segmenter tiny-sam` brings the tiny presets' permissive generator settings along (without them
+    the random tiny SAM keeps no mask on any photo)."""
+    flags: dict = {}
+    if args.segmenter == "tiny-sam":
+        from samsr.structure.segmenters import TINY_SAM_SETTINGS
+
+        flags.update({f"segmenter.{k}": v for k, v in TINY_SAM_SETTINGS.items()})
+    flags |= {"shard.input": args.input, "shard.output": args.output, "segmenter.kind": args.segmenter,
              "segmenter.checkpoint": args.sam_checkpoint, "segmenter.model_type": args.sam_model,
              "data.scale": args.scale, "shard.samples_per_shard": args.samples_per_shard,
              "shard.actors": args.actors, "shard.gpus_per_actor": args.gpus_per_actor,
@@ -59,13 +68,13 @@ def shard_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from pipelines import shard
+    from pipelines import shard, shard_resume
 
     if not args.output and not args.dry_run:
         print("samsr shard: --output is required (a folder or s3:// prefix) unless --dry-run", file=sys.stderr)
-        return 2
-    stats = shard.run(config_mod.load(args.config, shard_overrides(args)), dry_run=args.dry_run)
-    return 0 if args.dry_run or stats["ok"] > 0 or stats["images_planned"] == 0 else 1
+        return EXIT_USAGE
+    result = shard.run(config_mod.load(args.config, shard_overrides(args)), dry_run=args.dry_run)
+    return shard.dry_run_exit_code(result) if args.dry_run else shard_resume.exit_code(result)
 
 
 def train_overrides(args: argparse.Namespace) -> list[str]:
@@ -97,8 +106,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     from pipelines import upscale
 
     model_sets = list(args.model_overrides) + ([f"infer.tile={args.tile}"] if args.tile is not None else [])
-    stats = upscale.run(config_mod.load(args.config, upscale_overrides(args)), model_sets)
-    return 0 if stats["failed"] == 0 or stats["ok"] > 0 else 1
+    return upscale.exit_code(upscale.run(config_mod.load(args.config, upscale_overrides(args)), model_sets))
 
 
 def eval_overrides(args: argparse.Namespace) -> list[str]:
@@ -179,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="", help="folder or s3://bucket/prefix for shards; rerun to resume")
     p.add_argument("--segmenter", choices=("sam", "superpixel", "tiny-sam"), default=None,
                    help="sam (needs --sam-checkpoint), superpixel (SLIC fallback, not SAM) or tiny-sam "
-                        "(random weights, tests only); default: the config's")
+                        "(random weights, tests only; with the tiny presets' generator settings); "
+                        "default: the config's")
     p.add_argument("--sam-checkpoint", default=None, help="SAM weights: local path or s3:// URI")
     p.add_argument("--sam-model", choices=("vit_h", "vit_l", "vit_b"), default=None,
                    help="SAM model type matching the checkpoint")

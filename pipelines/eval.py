@@ -13,6 +13,11 @@ and `summary.json`. Into MLflow: metrics `eval/<set>/<metric>` and `eval/<set>/b
 per-image table as `eval/<set>/scores.json` — in the model's own run for `runs:/…`, else in a new run
 tagged with the model it evaluated.
 
+Before any work (exit 2, one line): `eval.output` must not be, lie inside, or hold the HR or LR folder;
+the HR (and LR) folder/bucket, the output bucket and the model must exist. Exit codes (samsr.locations):
+0 when every usable HR image was scored — unusable ones (KNOWN_BAD: corrupt, too large, no LR, size
+mismatch…) are recorded, not failures; 1 when a usable one failed (read or model error) or none was scored.
+
     samsr eval --model runs:/<run_id>/model --hr s3://bucket/div2k/valid_hr --set-name div2k-val --samples 4
     python -m pipelines.eval --set eval.model=... --set eval.hr=... --set eval.output=...
 """
@@ -27,17 +32,18 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipelines.rayenv import ensure_ray, entrypoint_parser
-from pipelines.upscale import DECODE_MEMORY, check_model_overrides
+from pipelines.rayenv import ensure_ray, entrypoint_parser, run_entrypoint
+from pipelines.upscale import check_model_overrides
 from samsr import config as config_mod
-from samsr import evaluation, images, storage
+from samsr import evaluation, images, locations, redact, storage
 from samsr.config import Config
 from samsr.shards.plan import IMAGE_SUFFIXES
 
 SCORES = "scores.jsonl"
 SUMMARY = "summary.json"
-# reasons that mean "this input is bad", recorded and skipped; anything else failing is the job's fault
-INPUT_REASONS = (*images.REASONS, "read_error", "unsafe_key", "no_lr", "size_mismatch")
+# reasons that mean "this input cannot be used", recorded and skipped; anything else failing (read_error,
+# eval_error) is the job's fault and a rerun retries it
+KNOWN_BAD = (*images.REASONS, "unsafe_key", "no_lr", "size_mismatch")
 
 
 def set_name(ec) -> str:
@@ -157,9 +163,10 @@ class EvalActor:
 
 
 def check_inputs(cfg: Config, model_overrides: Sequence[str]) -> None:
-    """Everything that can be wrong before any work, each as one clear error (ConfigError/FileNotFoundError)."""
+    """Everything that can be wrong before any work, each as one line in seconds (ConfigError, LocationError,
+    FileNotFoundError): settings, overlapping locations, missing folders/buckets, the model, LPIPS weights."""
     from pipelines.mlflow_model import check_model
-    from pipelines.tracking import tracking_uri
+    from pipelines.tracking import check_tracking_reachable, tracking_uri
 
     ec = cfg.eval
     for name in ("model", "hr"):
@@ -168,6 +175,16 @@ def check_inputs(cfg: Config, model_overrides: Sequence[str]) -> None:
     if ec.samples < 1:
         raise config_mod.ConfigError(f"eval.samples={ec.samples} must be >= 1")
     check_model_overrides(model_overrides)
+    check_tracking_reachable(ec.tracking_uri or tracking_uri(cfg))   # the MLflow server results go to answers
+    if ec.output:
+        locations.refuse_overlap(ec.hr, ec.output, job="samsr eval")
+        if ec.lr:
+            locations.refuse_overlap(ec.lr, ec.output, job="samsr eval")
+    locations.require_input(ec.hr, "HR input")
+    if ec.lr:
+        locations.require_input(ec.lr, "LR input")
+    if ec.output:
+        locations.require_output(ec.output, "output")
     if ec.lpips_weights and not storage.exists(ec.lpips_weights):
         raise FileNotFoundError(f"LPIPS weights not found at {ec.lpips_weights!r}; LPIPS is never computed with "
                                 "random weights: give a local path or s3:// URI of an LPIPS-AlexNet state_dict "
@@ -186,12 +203,16 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
     t0 = time.perf_counter()
     items, rows = plan(cfg)
     if not items and not rows:
-        raise FileNotFoundError(f"no images under {ec.hr!r} (looked for {', '.join(IMAGE_SUFFIXES[:4])}, …)")
+        print(f"samsr eval: no images under {ec.hr!r} (looked for {', '.join(IMAGE_SUFFIXES[:4])}, …); "
+              "nothing scored or written", file=sys.stderr)
+        return {"set": name, **counts(rows), "summary": {}, "seconds": time.perf_counter() - t0, "images_per_s": 0.0}
     if items:
         ensure_ray()
         gpus = ec.gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
-        ds = ds.map(decode_row, fn_kwargs={"max_pixels": cfg.data.max_pixels}, num_cpus=0.5, memory=DECODE_MEMORY)
+        hr_and_lr = cfg.data.max_pixels + cfg.data.max_pixels // cfg.data.scale ** 2
+        ds = ds.map(decode_row, fn_kwargs={"max_pixels": cfg.data.max_pixels}, num_cpus=0.5,
+                    memory=images.decode_memory(hr_and_lr))
         ds = ds.map_batches(EvalActor, fn_constructor_kwargs={
                                 "model": ec.model, "model_overrides": list(model_overrides),
                                 "tracking_uri": ec.tracking_uri, "samples": ec.samples, "seed": ec.seed,
@@ -206,16 +227,17 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
     seconds = time.perf_counter() - t0
     ok = [r for r in rows if r["status"] == "ok"]
     summary = evaluation.summarize({k: v for k, v in r.items() if not k.startswith("t_")} for r in ok)
-    result = {"set": name, "ok": len(ok), "failed": len(rows) - len(ok), "inputs": len(rows),
-              "job_errors": sum(r["status"] == "failed" and r["reason"] not in INPUT_REASONS for r in rows),
-              "summary": summary, "seconds": seconds, "images_per_s": len(ok) / seconds if ok else 0.0}
+    result = {"set": name, **counts(rows), "summary": summary, "seconds": seconds,
+              "images_per_s": len(ok) / seconds if ok else 0.0}
     if ec.output:
         storage.write_text(storage.join(ec.output, SCORES), "".join(json.dumps(r) + "\n" for r in rows))
+        where = redact.redact_value({"model": ec.model, "hr": ec.hr, "lr": ec.lr})     # no userinfo persisted
         storage.write_text(storage.join(ec.output, SUMMARY), json.dumps(
-            {k: v for k, v in result.items() if k != "summary"} | {"model": ec.model, "hr": ec.hr, "lr": ec.lr,
-                                                                   "samples": ec.samples, "seed": ec.seed,
-                                                                   "crop": ec.crop, "summary": summary}, indent=2))
-    echo(f"samsr eval: {ec.model} on {name}: {len(ok)} of {len(rows)} images scored, {result['failed']} failed, "
+            {k: v for k, v in result.items() if k != "summary"} | where | {"samples": ec.samples, "seed": ec.seed,
+                                                                           "crop": ec.crop, "summary": summary},
+            indent=2))
+    echo(f"samsr eval: {ec.model} on {name}: {len(ok)} of {len(rows)} images scored, {result['failed']} failed "
+         f"({result['known_bad']} unusable inputs, {result['failed_good']} errors), "
          f"{ec.samples} sample(s) each, {result['images_per_s']:.2f} images/s"
          + (f" -> {ec.output}" if ec.output else ""))
     if ok:
@@ -226,12 +248,21 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
     return result
 
 
+def counts(rows: Sequence[dict]) -> dict[str, int]:
+    """Score rows -> ok, failed = known_bad (unusable inputs, recorded) + failed_good (errors a rerun retries)."""
+    ok = sum(r["status"] == "ok" for r in rows)
+    known_bad = sum(r["status"] == "failed" and r["reason"] in KNOWN_BAD for r in rows)
+    return {"ok": ok, "failed": len(rows) - ok, "inputs": len(rows), "known_bad": known_bad,
+            "failed_good": len(rows) - ok - known_bad}
+
+
 def exit_code(result: dict[str, Any]) -> int:
     """0 when every good input was scored (bad inputs recorded); 1 when nothing was, or a good one failed."""
-    return 0 if result["ok"] > 0 and result["job_errors"] == 0 else 1
+    return locations.exit_code(done=result["ok"], failed_good=result["failed_good"], known_bad=result["known_bad"])
 
 
-__all__ = ["run", "plan", "set_name", "decode_row", "EvalActor", "check_inputs", "exit_code", "SCORES", "SUMMARY"]
+__all__ = ["run", "plan", "set_name", "decode_row", "EvalActor", "check_inputs", "counts", "exit_code", "SCORES",
+           "SUMMARY", "KNOWN_BAD"]
 
 
 def parser():
@@ -242,7 +273,8 @@ def parser():
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines.eval --set eval.model=... --set eval.hr=...` (ray job submit)."""
     args = parser().parse_args(argv)
-    return exit_code(run(config_mod.load(args.config, args.overrides), args.model_overrides))
+    return run_entrypoint("pipelines.eval", lambda: exit_code(run(config_mod.load(args.config, args.overrides),
+                                                             args.model_overrides)))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 server (sqlite, proxied artifacts) and a Ray head with token authentication — all on 127.0.0.1 with
 free ports. Its state (URLs, pids; never the token) is `<dir>/state.json`; the Ray token is
 `<dir>/ray-token`, readable by the owner only. `client_env` gives a process what it needs to use it.
+The head is started with the S3 endpoint and moto's dummy credentials in its own environment
+(`node_env`), as a cluster node would be: workers inherit them, and no runtime_env carries them.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def up(folder: str | Path, num_cpus: int = 8) -> dict[str, Any]:
         started.append(s3)
         mlflow = services.start_mlflow(folder / "mlflow")
         started.append(mlflow)
-        head = services.start_ray_head(folder / "ray", num_cpus=num_cpus)
+        head = services.start_ray_head(folder / "ray", num_cpus=num_cpus, env=node_env(s3.url, mlflow.url))
         started.append(head)
     except BaseException:
         for service in started:
@@ -107,15 +109,21 @@ def down(folder: str | Path) -> bool:
     return True
 
 
+def node_env(s3_url: str, mlflow_url: str) -> dict[str, str]:
+    """The Ray head's own environment, as a cluster node would have it: workers and submitted jobs inherit
+    the endpoint and the (dummy) S3 credentials from the raylet, never through a runtime_env."""
+    return {**LOCAL_AWS, "AWS_ENDPOINT_URL": s3_url, "MLFLOW_TRACKING_URI": mlflow_url,
+            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
 def client_env(folder: str | Path) -> dict[str, str]:
     """Environment for a process that uses the stack: S3 endpoint, MLflow, Ray address + token."""
     folder = Path(folder)
     state = read_state(folder)
     if not state:
         raise RuntimeError(f"no local stack in {str(folder)!r}; start one with `samsr local up --dir {folder}`")
-    return {**LOCAL_AWS, "AWS_ENDPOINT_URL": state["s3"], "MLFLOW_TRACKING_URI": state["mlflow"],
-            "RAY_ADDRESS": state["ray_address"], **services.ray_env((folder / TOKEN).read_text().strip()),
-            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    return {**node_env(state["s3"], state["mlflow"]), "RAY_ADDRESS": state["ray_address"],
+            **services.ray_env((folder / TOKEN).read_text().strip())}
 
 
-__all__ = ["up", "down", "status", "client_env", "read_state", "stop_group", "STATE"]
+__all__ = ["up", "down", "status", "client_env", "node_env", "read_state", "stop_group", "STATE"]

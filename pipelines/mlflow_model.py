@@ -90,11 +90,18 @@ def load_for_inference(uri: str, overrides: Sequence[str] = (), tracking_uri: st
 
 
 def check_model(uri: str, tracking_uri: str | None = None) -> None:
-    """Fail in seconds, before any work, when `uri` names no model: a missing file or s3:// object, an
-    MLflow run without a logged model, or an unknown registered model/alias. Raises FileNotFoundError."""
-    from samsr import storage
+    """Fail in seconds, before any work, when `uri` names no model: a missing file or s3:// object (or its
+    bucket, or an endpoint that does not answer), an MLflow server that does not answer, an MLflow run
+    without a logged model, or an unknown registered model/alias. Raises FileNotFoundError or
+    LocationError, one line naming where it looked."""
+    from samsr import locations, storage
 
+    if not uri:
+        raise FileNotFoundError("no model given; pass a samsr checkpoint (path | s3://) or an MLflow model "
+                                "(runs:/<id>/model | models:/<name>@<alias>)")
     if not uri.startswith(MLFLOW_SCHEMES):
+        if storage.is_s3(uri):
+            locations.require_input(uri, "model")      # bucket + endpoint, short timeout, no long retries
         if not storage.exists(uri):
             where = uri if storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
             raise FileNotFoundError(f"no model at {uri!r} (looked at {where}); pass a samsr checkpoint "
@@ -103,12 +110,16 @@ def check_model(uri: str, tracking_uri: str | None = None) -> None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from pipelines.tracking import check_tracking_reachable
+    from samsr.redact import redact_uri
+
     client = MlflowClient(tracking_uri or None)
+    check_tracking_reachable(client.tracking_uri)     # in seconds, where MLflow would retry for minutes
     try:
         with _tracking(tracking_uri):   # MLflow 3 resolves runs:/…/model through the global tracking URI
             _check_mlflow_model(client, uri)
     except MlflowException as exc:
-        raise FileNotFoundError(f"no MLflow model {uri!r} on {client.tracking_uri}: "
+        raise FileNotFoundError(f"no MLflow model {uri!r} on {redact_uri(client.tracking_uri)}: "
                                 f"{str(exc).splitlines()[0][:300]}") from exc
 
 
@@ -150,9 +161,11 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_path: str) -> None:
     import mlflow
     import torch
 
+    from pipelines.tracking import no_secret_links
+
     client = mlflow.MlflowClient(tracking_uri)
     status = client.get_run(run_id).info.status
-    with _tracking(tracking_uri), mlflow.start_run(run_id=run_id):
+    with _tracking(tracking_uri), no_secret_links(tracking_uri), mlflow.start_run(run_id=run_id):
         mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=str(ENTRY),
                                 artifacts={CHECKPOINT_KEY: checkpoint_path},
                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "samsr"])

@@ -1,20 +1,48 @@
-"""Connecting a job to Ray: the cluster `RAY_ADDRESS` names (or a local one), with the environment its
-workers need — S3 endpoint and credentials, MLflow server — passed along, never logged."""
+"""Connecting a job to Ray: the cluster `RAY_ADDRESS` names (or a local one), handing its workers the
+non-secret settings of this process — S3 endpoint and region, MLflow server (without userinfo), samsr's
+cache — and never a credential.
+
+Ray writes a job's `runtime_env` in plain text to its logs (`runtime_env_agent.log`, readable by every
+user of the node) and shows it in the dashboard, so what goes there is an allowlist of names known to
+hold no secret (`WORKER_ENV`), not "everything but the secrets". Workers get their credentials the way
+the cluster gives them to every process on a node: an instance profile / IRSA / a Kubernetes secret as
+env on the pods (AWS_*, MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), or env on the node where `ray start`
+ran — Ray workers inherit the raylet's environment (`samsr local up` starts its head that way).
+"""
 from __future__ import annotations
 
 import os
 
-ENV_PREFIXES = ("AWS_", "SAMSR_", "MLFLOW_")
-ENV_NAMES = ("NO_PROXY", "no_proxy")
+from samsr.redact import strip_userinfo
+
+# Names whose values are settings, never secrets. Credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+# AWS_SESSION_TOKEN, MLFLOW_TRACKING_PASSWORD/TOKEN, …) and names that only mean something with a local
+# file (AWS_PROFILE, AWS_SHARED_CREDENTIALS_FILE) are left out on purpose, as is every name not listed.
+WORKER_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+    "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION",
+    "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "SAMSR_CACHE_DIR",
+    "NO_PROXY", "no_proxy",
+)
+# URI-valued ones among them: passed without userinfo (`https://user:pw@h` -> `https://h`)
+URI_ENV = frozenset({"AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"})
 
 
-def worker_env() -> dict[str, str]:
-    """The variables Ray workers need (S3 endpoint + credentials, MLflow); passed, never logged."""
-    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
+def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The non-secret settings of `environ` (default: this process) that Ray workers should see: the
+    `WORKER_ENV` names that are set, URIs stripped of userinfo. Never a credential."""
+    environ = os.environ if environ is None else environ
+    return {name: strip_userinfo(environ[name]) if name in URI_ENV else environ[name]
+            for name in WORKER_ENV if environ.get(name)}
 
 
 def ensure_ray() -> None:
-    """Connect to $RAY_ADDRESS (a running cluster) or start a local Ray, unless already connected."""
+    """Connect to $RAY_ADDRESS (a running cluster) or start a local Ray, unless already connected. A
+    local Ray's workers inherit this process's environment (credentials included) from its raylet;
+    a cluster's get theirs from the nodes; both get `worker_env()` through the job's runtime_env."""
     import ray
 
     if not ray.is_initialized():
@@ -26,6 +54,22 @@ def add_model_set(p) -> None:
     p.add_argument("--model-set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the model's own infer.* or segmenter.* settings, e.g. infer.tile=128 or "
                         "segmenter.checkpoint=s3://…")
+
+
+def run_entrypoint(module: str, fn) -> int:
+    """Run a `python -m pipelines.<job>` entrypoint's work, `fn() -> exit code`. A refusal before any work
+    (a bad setting, a missing or overlapping location, a missing model) is one line on stderr and exit 2,
+    as in the `samsr` CLI (samsr.locations: exit codes)."""
+    import sys
+
+    from samsr.config import ConfigError
+    from samsr.locations import EXIT_USAGE, LocationError
+
+    try:
+        return fn()
+    except (ConfigError, LocationError, FileNotFoundError) as exc:
+        print(f"python -m {module}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def entrypoint_parser(module: str, description: str, example: str, model_set: bool = False):

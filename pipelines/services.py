@@ -203,11 +203,14 @@ def ray_env(token: str) -> dict[str, str]:
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
 
 
-def start_ray_head(workdir: Path, num_cpus: int = 4, timeout: float = 120.0) -> RayHead:
+def start_ray_head(workdir: Path, num_cpus: int = 4, timeout: float = 120.0,
+                   env: Mapping[str, str] | None = None) -> RayHead:
     """A local Ray head (GCS, raylet, dashboard + job API) on 127.0.0.1 with free ports and a fresh token.
 
     Its temp dir is `workdir/rt` when that path is short enough for Ray's unix sockets, else a short
-    directory under /tmp. Stop it with `.stop()` (its whole process group).
+    directory under /tmp. `env` is added to the head's own environment, which every worker and
+    submitted job inherits from the raylet (how a cluster node hands out credentials: never through
+    a runtime_env, which Ray logs). Stop it with `.stop()` (its whole process group).
     """
     workdir = Path(workdir)
     temp = workdir / "rt"
@@ -223,8 +226,8 @@ def start_ray_head(workdir: Path, num_cpus: int = 4, timeout: float = 120.0) -> 
             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
             "--temp-dir", str(temp), f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats"]
     url = f"http://{HOST}:{dash}"
-    proc = start_process("ray-head", argv, http_ready(f"{url}/api/version"), workdir, env=ray_env(token),
-                         url=url, timeout=timeout)
+    proc = start_process("ray-head", argv, http_ready(f"{url}/api/version"), workdir,
+                         env={**(env or {}), **ray_env(token)}, url=url, timeout=timeout)
     return RayHead(name=proc.name, url=url, process=proc.process, log_path=proc.log_path,
                    gcs_address=f"{HOST}:{port}", token=token, temp_dir=str(temp))
 

@@ -8,15 +8,16 @@ redacted, and MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD variables are read 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import re
 import time
 from typing import Mapping
 
 import numpy as np
 
 from samsr import config as config_mod
+from samsr import redact
 from samsr.config import Config
 
 log = logging.getLogger(__name__)
@@ -26,12 +27,43 @@ PARAM_VALUE_MAX = 6000
 
 
 def redact_uri(uri: str) -> str:
-    """scheme://user:secret@host -> scheme://***@host (anything else unchanged)."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]+@", r"\1***@", uri)
+    """scheme://user:p@ss@host -> scheme://***@host, presigned signatures -> *** (samsr.redact: where
+    userinfo ends, `@ : /` in passwords); anything else unchanged."""
+    return redact.redact_uri(uri)
 
 
 def tracking_uri(cfg: Config) -> str:
     return cfg.job.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
+REACH_TIMEOUT_S = 5.0
+
+
+def check_tracking_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Fail in seconds, before any work, when the MLflow server at `uri` does not answer: one GET of its
+    `/health` (one try, `timeout` s to connect and to read; proxies and CA settings as MLflow's own client
+    uses them), where MLflow's client would retry silently for minutes. Any HTTP answer below 500 (401
+    and 404 included: a server is there) counts as reachable; no URI, or a non-HTTP one (file:, sqlite:,
+    databricks), is not checked. Raises samsr.locations.LocationError, one line, the URI redacted."""
+    import requests
+
+    from samsr.locations import LocationError
+
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    clean = redact.strip_userinfo(uri)                      # userinfo never goes on the wire here
+    health = clean.split("?", 1)[0].split("#", 1)[0].rstrip("/") + "/health"
+    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true", "yes")
+    verify = False if insecure else (os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True)
+    try:
+        with requests.get(health, timeout=(timeout, timeout), verify=verify, allow_redirects=False, stream=True) as r:
+            if r.status_code < 500:
+                return
+            reason = f"HTTP {r.status_code}"         # a proxy or load balancer with nothing behind it
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+    raise LocationError(f"the MLflow server {redact_uri(uri)} does not answer (GET {health}, {timeout:.0f} s): "
+                        f"{reason}; check job.tracking_uri / eval.tracking_uri / $MLFLOW_TRACKING_URI")
 
 
 def run_params(cfg: Config) -> dict[str, str]:
@@ -58,10 +90,12 @@ def experiment_id_for(client, name: str) -> str:
 
 
 class Tracker:
-    """One MLflow run; every method is a no-op when there is no tracking URI."""
+    """One MLflow run; every method is a no-op when there is no tracking URI. A resumed run does not log
+    a metric again at a step it already holds (the steps after the checkpoint run again on resume)."""
 
     def __init__(self, cfg: Config, run_name: str, run_id: str | None = None) -> None:
         self.run_id: str | None = None
+        self.logged_to: dict[str, int] = {}          # metric -> the last step the run held when resumed
         self.uri = uri = tracking_uri(cfg)
         if not uri:
             log.warning("no MLflow tracking URI (job.tracking_uri or MLFLOW_TRACKING_URI): metrics are not logged")
@@ -73,6 +107,8 @@ class Tracker:
         if run_id:                          # resumed from a checkpoint: the same MLflow run goes on
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
+            # a run's latest value of a metric is the one at its highest step (MLflow keeps it so)
+            self.logged_to = {m.key: m.step for m in self.client.get_run(run_id).data.to_proto().metrics}
             return
         experiment_id = experiment_id_for(self.client, cfg.job.experiment)
         run = self.client.create_run(experiment_id, run_name=run_name,
@@ -91,7 +127,9 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+        fresh = [Metric(k, float(v), now, step) for k, v in values.items() if step > self.logged_to.get(k, -1)]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
 
     def image(self, image: np.ndarray, artifact_file: str) -> None:
         if self.client is not None:
@@ -110,7 +148,7 @@ class Tracker:
 
     def finish(self, ok: bool) -> None:
         if self.client is not None:
-            self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
+            terminate(self.client, self.run_id, "FINISHED" if ok else "FAILED")
 
 
 def log_evaluation(cfg: Config, set_name: str, summary: Mapping[str, Mapping[str, float]],
@@ -147,8 +185,39 @@ def log_evaluation(cfg: Config, set_name: str, summary: Mapping[str, Mapping[str
     table = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, bytes)} for r in rows])
     client.log_table(run_id, data=table, artifact_file=f"eval/{set_name}/scores.json")
     if new:
-        client.set_terminated(run_id, status="FINISHED")
+        terminate(client, run_id, "FINISHED")
     return run_id
 
 
-__all__ = ["Tracker", "redact_uri", "run_params", "tracking_uri", "experiment_id_for", "log_evaluation"]
+@contextlib.contextmanager
+def no_secret_links(uri: str):
+    """Within the block, MLflow does not print its "View run … at: <URL>" lines when `uri` carries
+    userinfo: MLflow builds them from the tracking URI, password included, and Ray keeps a worker's
+    stdout in world-readable log files."""
+    flag = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    if redact_uri(uri) == uri:
+        yield
+        return
+    before = os.environ.get(flag)
+    os.environ[flag] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(flag, None)
+        else:
+            os.environ[flag] = before
+
+
+def terminate(client, run_id: str, status: str) -> None:
+    """End a run; for a tracking URI with userinfo, the run's link is printed redacted instead of by MLflow."""
+    uri = client.tracking_uri
+    with no_secret_links(uri):
+        client.set_terminated(run_id, status=status)
+    if redact_uri(uri) != uri:
+        print(f"samsr: MLflow run {run_id} {status.lower()}: {redact_uri(uri).rstrip('/')}/#/experiments/"
+              f"{client.get_run(run_id).info.experiment_id}/runs/{run_id}", flush=True)
+
+
+__all__ = ["Tracker", "terminate", "no_secret_links", "redact_uri", "run_params", "tracking_uri", "check_tracking_reachable", "experiment_id_for",
+           "log_evaluation"]

@@ -5,14 +5,21 @@ worker streams batches from its share of the shards (`samsr.shards.stream`), cal
 `samsr.train_step` as the plain loop, and every `train.checkpoint_every` steps rank 0 writes a samsr
 checkpoint (model + config, loadable weights-only) with the optimizer state and the MLflow run id.
 Ray Train keeps checkpoints under `job.storage`/`job.name`; running again with the same name and
-storage resumes from the latest one and continues the same MLflow run. SAM-DiffSR first pretrains its
-RRDB (`train.rrdb_iterations`), then trains the diffusion (`train.iterations`).
+storage resumes from the latest one and continues the same MLflow run, without logging again a step
+the run already holds; after a completed run, checkpoint folders Ray Train does not list (written by a
+worker that outlived a killed driver) are removed. SAM-DiffSR first pretrains its RRDB
+(`train.rrdb_iterations`), then trains the diffusion (`train.iterations`).
+
+The driver decides which shards each rank reads (`plan_data`: by sample count, empty shards left out)
+and refuses to start when a rank would get no sample. Bad samples are skipped and counted
+(`data/skipped_samples`, summed over ranks; see samsr/shards/stream.py for the threshold).
 
     samsr train --config samsr-teacher --set job.shards=s3://bucket/shards --set job.storage=s3://bucket/runs
     python -m pipelines.train --config ... --set ...        # the same, as a `ray job submit` entrypoint
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -24,14 +31,16 @@ import numpy as np
 import torch
 
 from pipelines import validation
-from pipelines.rayenv import ensure_ray, entrypoint_parser
-from pipelines.tracking import Tracker
+from pipelines.rayenv import ensure_ray, entrypoint_parser, run_entrypoint
+from pipelines.tracking import Tracker, check_tracking_reachable, tracking_uri
 from samsr import config as config_mod
 from samsr import images, storage
 from samsr.checkpoint import load_checkpoint, save_checkpoint
 from samsr.config import Config
 from samsr.ema import EMA, make_ema
+from samsr.locations import EXIT_OK, LocationError
 from samsr.method import build_method
+from samsr.redact import redact_config
 from samsr.shards import stream
 from samsr.train_step import batch_to, make_lr_schedule, make_optimizer, rrdb_pretrain_step, train_step
 
@@ -99,15 +108,42 @@ def sample_grid(method, batch: dict, seed: int) -> np.ndarray:
 
 def _replica_spread(params: list[torch.Tensor], world: int) -> float:
     """max − min over workers of the parameter sum: 0 when DDP keeps the replicas identical."""
-    total = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).cpu()
     if world == 1:
         return 0.0
     import torch.distributed as dist
 
+    total = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)   # on the params' device
     hi, lo = total.clone(), -total.clone()
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MAX)
-    return float(hi + lo)
+    return float((hi + lo).cpu())
+
+
+def _summed(n: int, world: int, device: torch.device) -> int:
+    """`n` summed over the workers (all of them call this at the same step)."""
+    if world == 1:
+        return n
+    import torch.distributed as dist
+
+    total = torch.tensor([float(n)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def plan_data(cfg: Config, uris: list[str] | None = None) -> dict[str, Any]:
+    """What the workers read, decided once by the driver: `ranks` (each rank's shards, by samples, empty
+    shards left out), `filled` (the shards holding samples; validation holds out from the last), `holdout`
+    (the validation keys) and `counts` (samples per shard). LocationError when a rank would get none."""
+    uris = uris if uris is not None else stream.list_shards(cfg.job.shards)
+    try:
+        counts = stream.shard_counts(uris)
+        filled = [u for u in uris if counts[u] > 0]
+        held = validation.holdout_keys(cfg, filled)[0] if filled else frozenset()
+        ranks = stream.assign_shards(counts, cfg.job.num_workers, {filled[-1]: len(held)} if held else {},
+                                     where=cfg.job.shards)
+    except ValueError as exc:               # no samples (ShardDataError), or validation would take them all
+        raise LocationError(str(exc)) from None
+    return {"ranks": ranks, "filled": filled, "holdout": sorted(held), "counts": counts}
 
 
 def _save(method, ema: EMA | None, cfg: Config, extra: dict, opt, sched, folder: Path) -> None:
@@ -119,12 +155,15 @@ def _save(method, ema: EMA | None, cfg: Config, extra: dict, opt, sched, folder:
                folder / RESUME_FILE)
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """The per-worker function of the TorchTrainer."""
+def train_loop(loop_config: dict[str, Any], tracking: str = "") -> None:
+    """The per-worker function. `loop_config` holds the redacted config (Ray Train exports it to its dashboard);
+    `tracking`, the MLflow URI with any userinfo, reaches the workers only inside the pickled function."""
     import ray.train
     import ray.train.torch
 
     cfg = config_mod.from_dict(loop_config["cfg"])
+    if tracking:
+        cfg = config_mod.replace(cfg, job=config_mod.replace(cfg.job, tracking_uri=tracking))
     fail_after = int(loop_config.get("fail_after_steps", 0))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -134,7 +173,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)                      # identical init on every worker
     method = build_method(cfg)
 
-    resume = {"stage": "", "step": 0, "mlflow_run_id": None, "ema_updates": 0}
+    resume = {"stage": "", "step": 0, "mlflow_run_id": None, "ema_updates": 0, "skipped_samples": 0}
     optim_state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -147,14 +186,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if "live" in state:
                 optim_state["ema"] = (state["model"], int(resume["ema_updates"]))
     method.to(device)
+    data = loop_config.get("data") or plan_data(cfg)       # the driver's plan (`run` always passes it)
     tracker = Tracker(cfg, run_name(cfg), resume["mlflow_run_id"]) if rank == 0 else None
-    all_uris = stream.list_shards(cfg.job.shards)
-    valset = validation.build(cfg, all_uris) if rank == 0 else None
-    holdout = _share(valset.holdout if valset is not None else frozenset(), world)
+    valset = validation.build(cfg, data["filled"]) if rank == 0 else None
+    holdout = frozenset(data["holdout"])
     validator = validation.Validator(cfg, valset, device) if valset is not None else None
     if valset is not None:
         print(f"samsr train: validating on {len(valset.names)} image(s) from {valset.source}", flush=True)
-    uris = stream.rank_shards(all_uris, rank, world)
+    uris = data["ranks"][rank]
     ok = False
     try:
         order = [s for s, _ in stages(cfg)]
@@ -166,8 +205,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if first > steps:           # finished before the restart (its checkpoint holds the result)
                 continue
             final = index == len(order) - 1
-            _run_stage(stage, steps, first, method, cfg, uris, rank, world, device, tracker,
-                       optim_state if first > 1 else None, fail_after, final, holdout,
+            feed = {"uris": uris, "holdout": holdout, "counts": data["counts"],
+                    "skipped": int(resume["skipped_samples"]) if first > 1 else 0}
+            _run_stage(stage, steps, first, method, cfg, feed, rank, world, device, tracker,
+                       optim_state if first > 1 else None, fail_after, final,
                        validator if stage != "rrdb" else None)
             optim_state = None
         ok = True
@@ -176,21 +217,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             tracker.finish(ok)
 
 
-def _share(keys: frozenset[str], world: int) -> frozenset[str]:
-    """Rank 0's validation hold-out, given to every rank (each must skip those samples)."""
-    if world == 1:
-        return keys
-    import torch.distributed as dist
-
-    box = [sorted(keys)]
-    dist.broadcast_object_list(box, src=0)
-    return frozenset(box[0])
-
-
-def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, uris: list[str], rank: int, world: int,
+def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, feed: dict, rank: int, world: int,
                device: torch.device, tracker: Tracker | None, optim_state: dict | None, fail_after: int,
-               final: bool, holdout: frozenset[str] = frozenset(),
-               validator: validation.Validator | None = None) -> None:
+               final: bool, validator: validation.Validator | None = None) -> None:
+    """Steps `first`..`steps` of one stage. `feed`: this rank's shards (`uris`), the validation `holdout`,
+    samples per shard (`counts`) and the skipped samples counted before a resume (`skipped`). Metrics of
+    the RRDB stage are named rrdb/…, so no (metric, step) pair repeats across stages."""
     import ray.train
     import ray.train.torch
 
@@ -218,10 +250,13 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, uris: li
             sched.load_state_dict(optim_state["scheduler"])
     wrapped = ray.train.torch.prepare_model(module, move_to_device=False) if world > 1 else module
     params = [p for p in module.parameters() if p.requires_grad]
-    batches = stream.batches(uris, batch_size=per_worker_batch(cfg), hr_crop=cfg.data.hr_crop, scale=cfg.data.scale,
-                             seed=tc.seed + 7919 * first, rank=rank, pool=cfg.job.sample_pool,
+    skips = stream.SkipCount()
+    batches = stream.batches(feed["uris"], batch_size=per_worker_batch(cfg), hr_crop=cfg.data.hr_crop,
+                             scale=cfg.data.scale, seed=tc.seed + 7919 * first, rank=rank, pool=cfg.job.sample_pool,
                              crops_per_sample=cfg.job.crops_per_sample, flips=cfg.data.flips,
-                             need_cover=cfg.method == "samsr-student", exclude=holdout)
+                             need_cover=cfg.method == "samsr-student", exclude=feed["holdout"], count=skips,
+                             max_skipped=cfg.job.max_skipped_fraction, expected=feed["counts"])
+    named = (lambda values: {f"rrdb/{k}": v for k, v in values.items()}) if stage == "rrdb" else dict
     generator = torch.Generator(device).manual_seed(tc.seed * 1009 + rank * 7 + first)
     preview = batch_to(next(batches), device) if rank == 0 and stage != "rrdb" else None
     via = _ViaModule(wrapped)
@@ -241,22 +276,24 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, uris: li
             scores = validator(sampled)
             if tracker is not None:
                 tracker.metrics(step, scores)
-        if step % tc.log_every == 0 or is_last:
-            values = {f"{stage}/{k}" if stage == "rrdb" else k: v for k, v in metrics.items()}
-            values["lr" if stage != "rrdb" else "rrdb/lr"] = opt.param_groups[0]["lr"]
-            values["samples_per_s"] = seen / (time.perf_counter() - t0)
+        logs, saves = step % tc.log_every == 0 or is_last, step % tc.checkpoint_every == 0 or is_last
+        skipped = feed["skipped"] + _summed(skips.skipped, world, device) if logs or saves else 0
+        if logs:
+            values = {**metrics, "lr": opt.param_groups[0]["lr"], "samples_per_s": seen / (time.perf_counter() - t0),
+                      "data/skipped_samples": skipped}
             if tracker is not None:
-                tracker.metrics(step, values)
-        if step % tc.checkpoint_every == 0 or is_last:
+                tracker.metrics(step, named(values))
+        if saves:
             spread = _replica_spread(params, world)
-            report = {"stage": stage, "step": step, "replica_param_spread": spread,
+            report = {"stage": stage, "step": step, "replica_param_spread": spread, "skipped_samples": skipped,
                       "samples_per_s": seen / (time.perf_counter() - t0), **metrics}
             if rank == 0:
                 with tempfile.TemporaryDirectory() as folder:
-                    extra = {"stage": stage, "step": step, "mlflow_run_id": tracker.run_id if tracker else None}
+                    extra = {"stage": stage, "step": step, "mlflow_run_id": tracker.run_id if tracker else None,
+                             "skipped_samples": skipped}
                     _save(method, ema, cfg, extra, opt, sched, Path(folder))
                     if tracker is not None:
-                        tracker.metrics(step, {"replica_param_spread": spread})
+                        tracker.metrics(step, named({"replica_param_spread": spread}))
                         tracker.artifact(str(Path(folder) / MODEL_FILE), "checkpoint")
                         if preview is not None:
                             tracker.image(sample_grid(sampled, preview, tc.seed), f"samples/step-{step:07d}.png")
@@ -291,30 +328,54 @@ def run(cfg: Config, *, fail_after_steps: int = 0, echo: Callable[[str], None] =
     if not cfg.job.storage:
         raise config_mod.ConfigError("job.storage: set a folder or s3:// prefix for Ray Train's checkpoints")
     per_worker_batch(cfg)
-    n_shards = len(stream.list_shards(cfg.job.shards))
+    if not 0.0 <= cfg.job.max_skipped_fraction <= 1.0:
+        raise config_mod.ConfigError(f"job.max_skipped_fraction={cfg.job.max_skipped_fraction} must lie in [0, 1]")
+    check_tracking_reachable(tracking_uri(cfg))   # an MLflow server that does not answer: one line, in seconds
+    data = plan_data(cfg)                   # before any worker starts: a rank without samples is refused here
     path, fs = storage_target(cfg.job.storage)
     ensure_ray()
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": config_mod.to_dict(cfg), "fail_after_steps": fail_after_steps},
+        functools.partial(train_loop, tracking=tracking_uri(cfg)),
+        train_loop_config={"cfg": redact_config(cfg), "fail_after_steps": fail_after_steps, "data": data},
         scaling_config=ScalingConfig(num_workers=cfg.job.num_workers, use_gpu=cfg.job.use_gpu,
                                      resources_per_worker={"CPU": cfg.job.cpus_per_worker}),
         run_config=RunConfig(name=run_name(cfg), storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=cfg.job.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.job.keep_checkpoints)))
-    echo(f"samsr train: {cfg.method} '{run_name(cfg)}' on {cfg.job.num_workers} worker(s), {n_shards} shard(s), "
-         f"global batch {cfg.train.batch_size}")
+    empty = len(data["counts"]) - len(data["filled"])
+    echo(f"samsr train: {cfg.method} '{run_name(cfg)}' on {cfg.job.num_workers} worker(s), "
+         f"{len(data['filled'])} shard(s) with {sum(data['counts'].values())} sample(s)"
+         + (f" ({empty} empty shard(s) left out)" if empty else "") + f", global batch {cfg.train.batch_size}")
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training '{run_name(cfg)}' ended without a checkpoint: {result.error}")
-    fs_path = result.checkpoint.path
-    uri = f"s3://{fs_path}" if fs is not None else fs_path
+    kept = [c.path for c, _ in result.best_checkpoints or []] + [result.checkpoint.path]
+    removed = remove_orphan_checkpoints(result.filesystem, result.path, kept)
+    echo(f"samsr train: removed {len(removed)} checkpoint(s) left by a killed run: {removed}") if removed else None
+    uri = f"s3://{result.checkpoint.path}" if fs is not None else result.checkpoint.path
     with result.checkpoint.as_directory() as folder:
         run_id = load_checkpoint(str(Path(folder) / MODEL_FILE))["extra"].get("mlflow_run_id")
-    out = {"metrics": dict(result.metrics or {}), "checkpoint": storage.join(uri, MODEL_FILE), "mlflow_run_id": run_id}
+    out = {"metrics": dict(result.metrics or {}), "checkpoint": storage.join(uri, MODEL_FILE), "mlflow_run_id": run_id,
+           "removed_checkpoints": removed}
     echo(f"samsr train: done at step {out['metrics'].get('step')}; checkpoint {out['checkpoint']}"
          + (f"; MLflow run {run_id}" if run_id else ""))
     return out
+
+
+def remove_orphan_checkpoints(fs, run_path: str, kept: list[str]) -> list[str]:
+    """Remove the checkpoint_* folders under a run's Ray Train storage that are not in `kept` (what Ray
+    Train's result lists): a worker that outlived its killed driver, or a deletion cut short, leaves
+    folders that `num_to_keep` never sees. Call only after a completed run. Returns the removed paths."""
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+    keep = {p.rstrip("/") for p in kept}
+    found = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    orphans = sorted(i.path for i in found if i.type == pafs.FileType.Directory
+                     and i.base_name.startswith("checkpoint_") and i.path.rstrip("/") not in keep)
+    for path in orphans:
+        fs.delete_dir(path)
+    return orphans
 
 
 def parser():
@@ -325,8 +386,12 @@ def parser():
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines.train --config PRESET --set job.shards=... --set job.storage=...` (ray job submit)."""
     args = parser().parse_args(argv)
-    run(config_mod.load(args.config, args.overrides))
-    return 0
+
+    def work() -> int:
+        run(config_mod.load(args.config, args.overrides))
+        return EXIT_OK
+
+    return run_entrypoint("pipelines.train", work)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,14 @@ keys that would escape the prefix are refused. Outputs that exist are skipped un
 Bad inputs are recorded with their reason and the job goes on; `_manifest.jsonl` under the output has
 one line per input (ok | skipped | failed, reason, timings).
 
+Before any work (exit 2, one line): the output must not be, lie inside, or hold the input; the input
+folder/bucket, the output bucket and the model must exist (an MLflow server must answer). Size limit:
+an output may have at most `data.max_pixels` px, so an LR may have at most max_pixels / scale² (read
+from its header, before decoding); larger ones are recorded as `too_large`. Exit codes
+(samsr.locations): 0 when every good input has its output (now or from an earlier run) — inputs that
+cannot be used (KNOWN_BAD: corrupt, too large, unsafe key…) are recorded, not failures; 1 when a good
+input failed (read, model or write error: rerun to retry) or there was nothing to do.
+
     samsr upscale --model runs:/<run_id>/model --input s3://bucket/lr/ --output s3://bucket/sr/
     python -m pipelines.upscale --set upscale.model=... --set upscale.input=... --set upscale.output=...
 """
@@ -21,16 +29,31 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipelines.rayenv import ensure_ray, entrypoint_parser
+from pipelines.rayenv import ensure_ray, entrypoint_parser, run_entrypoint
 from samsr import config as config_mod
-from samsr import images, storage
-from samsr.config import Config
+from samsr import images, locations, storage
+from samsr.config import Config, DataConfig
 from samsr.shards.format import png_bytes
 from samsr.shards.plan import IMAGE_SUFFIXES
 
 MANIFEST = "_manifest.jsonl"
 MODEL_SECTIONS = ("infer.", "segmenter.")       # what --model-set may change in the model's own config
-DECODE_MEMORY = 512 * 2**20
+# reasons that mean "this input cannot be used": recorded, and not a failure of the job (a rerun would
+# fail them again); any other failure (read_error, upscale_error, write_error) is one a rerun retries
+KNOWN_BAD = (*images.REASONS, "unsafe_key", "output_collision")
+
+def lr_pixel_limit(data: DataConfig) -> int:
+    """The largest LR whose ×scale output stays within `data.max_pixels`."""
+    return max(1, data.max_pixels // data.scale ** 2)
+
+
+def output_size_error(w: int, h: int, scale: int, max_pixels: int, label: str) -> images.ImageError | None:
+    """A `too_large` ImageError when a w×h LR would give an output over `max_pixels`, else None."""
+    if w * h * scale * scale <= max_pixels:
+        return None
+    return images.ImageError("too_large", f"{label} is {w}x{h}; its x{scale} output would be {w * scale}x{h * scale} "
+                                          f"= {w * h * scale * scale} px, over data.max_pixels={max_pixels} "
+                                          "(raise it if the workers have the memory)")
 
 
 def output_key(key: str) -> str:
@@ -67,8 +90,9 @@ def plan(cfg: Config) -> tuple[list[dict], list[dict]]:
     return items, decided
 
 
-def decode_row(row: dict) -> dict:
-    """Read + decode one input (CPU task) -> row with the LR pixels, or status failed + reason."""
+def decode_row(row: dict, max_pixels: int = DataConfig.max_pixels, scale: int = DataConfig.scale) -> dict:
+    """Read + decode one input (CPU task) -> row with the LR pixels, or status failed + reason. The size
+    limit is checked from the header first, so an oversize image costs no decode."""
     out = {**row, "lr_raw": b"", "h": 0, "w": 0, "t_read": 0.0, "t_decode": 0.0, "t_sr": 0.0, "t_write": 0.0}
     t0 = time.perf_counter()
     try:
@@ -77,7 +101,10 @@ def decode_row(row: dict) -> dict:
         return {**out, "status": "failed", "reason": "read_error", "message": str(exc)}
     t1 = time.perf_counter()
     try:
-        lr = images.decode_image(data, scale=1, name=row["input"])
+        err = output_size_error(*images.image_size(data, row["input"]), scale, max_pixels, row["input"])
+        if err is not None:
+            raise err
+        lr = images.decode_image(data, scale=1, max_pixels=max(1, max_pixels // scale ** 2), name=row["input"])
     except images.ImageError as exc:
         return {**out, "status": "failed", "reason": exc.reason, "message": str(exc), "t_read": t1 - t0}
     return {**out, "lr_raw": lr.tobytes(), "h": lr.shape[0], "w": lr.shape[1], "t_read": t1 - t0,
@@ -88,12 +115,12 @@ class UpscaleActor:
     """Loads the model (and a segmenter if it needs SAM) once; super-resolves and writes each image."""
 
     def __init__(self, model: str, model_overrides: Sequence[str], tracking_uri: str, level: int,
-                 threads: int = 1) -> None:
+                 threads: int = 1, max_pixels: int = DataConfig.max_pixels) -> None:
         from pipelines.mlflow_model import load_for_inference
 
         self.method, self.cfg, self.segmenter, self.device = load_for_inference(model, model_overrides,
                                                                                 tracking_uri, threads)
-        self.level = level
+        self.level, self.max_pixels = level, max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from samsr.infer import upscale_array
@@ -102,16 +129,24 @@ class UpscaleActor:
         for row in rows:
             if row["status"]:
                 continue
-            try:
+            h, w = int(row["h"]), int(row["w"])
+            # the decode task checked the job's data.scale; the model's own scale decides the output
+            err = output_size_error(w, h, self.method.scale, self.max_pixels, str(row["input"]))
+            if err is not None:
+                row.update(status="failed", reason=err.reason, message=str(err), lr_raw=b"")
+                continue
+            step = "upscale_error"
+            try:                            # one bad image must not stop the batch; recorded per object
                 t0 = time.perf_counter()
-                lr = np.frombuffer(row["lr_raw"], np.uint8).reshape(int(row["h"]), int(row["w"]), 3)
+                lr = np.frombuffer(row["lr_raw"], np.uint8).reshape(h, w, 3)
                 sr = upscale_array(self.method, lr, self.cfg.infer, segmenter=self.segmenter,
                                    soft=self.cfg.resshift.soft_masks, device=self.device)
-                t1 = time.perf_counter()
-                storage.write_bytes(str(row["output"]), png_bytes(sr, self.level))
+                data = png_bytes(sr, self.level)
+                t1, step = time.perf_counter(), "write_error"
+                storage.write_bytes(str(row["output"]), data)
                 row.update(status="ok", t_sr=t1 - t0, t_write=time.perf_counter() - t1)
-            except Exception as exc:        # one bad image must not stop the batch; recorded per object
-                row.update(status="failed", reason="upscale_error", message=f"{type(exc).__name__}: {exc}"[:2000])
+            except Exception as exc:
+                row.update(status="failed", reason=step, message=f"{type(exc).__name__}: {exc}"[:2000])
             row["lr_raw"] = b""
         return {k: [r[k] for r in rows] for k in rows[0]}
 
@@ -122,6 +157,41 @@ def check_model_overrides(overrides: Sequence[str]) -> None:
         if not key.startswith(MODEL_SECTIONS):
             raise config_mod.ConfigError(f"model override {key!r}: only {', '.join(s + '*' for s in MODEL_SECTIONS)} "
                                          "of the model's own config can change at inference")
+    infer = config_mod.with_overrides(Config(), overrides).infer     # unknown keys, wrong types: here, not in an actor
+    for name, least in (("tile", 0), ("auto_tile", 0), ("overlap", 0), ("tile_batch", 1)):
+        if getattr(infer, name) < least:
+            raise config_mod.ConfigError(f"infer.{name}={getattr(infer, name)} must be >= {least}")
+
+
+def check_job(cfg: Config, model_overrides: Sequence[str] = ()) -> None:
+    """Everything that can be wrong before any work, each as one line (ConfigError, LocationError or
+    FileNotFoundError), in seconds: required settings, overlapping locations, a missing input folder or
+    bucket, a missing output bucket, an unreachable S3 endpoint or MLflow server, a missing model."""
+    from pipelines.mlflow_model import check_model
+
+    uc = cfg.upscale
+    for name in ("model", "input", "output"):
+        if not getattr(uc, name):
+            raise config_mod.ConfigError(f"upscale.{name} is required (--{name})")
+    check_model_overrides(model_overrides)
+    locations.refuse_overlap(uc.input, uc.output, job="samsr upscale")
+    locations.require_input(uc.input, "input")
+    locations.require_output(uc.output, "output")
+    check_model(uc.model, uc.tracking_uri or None)
+
+
+def summarize(rows: Sequence[dict], seconds: float) -> dict[str, Any]:
+    """Manifest rows -> counts: ok, skipped, failed = known_bad (recorded inputs) + failed_good (retry)."""
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    known_bad = sum(r["status"] == "failed" and r["reason"] in KNOWN_BAD for r in rows)
+    return {**counts, "known_bad": known_bad, "failed_good": counts["failed"] - known_bad, "inputs": len(rows),
+            "seconds": seconds, "images_per_s": counts["ok"] / seconds if seconds > 0 and counts["ok"] else 0.0}
+
+
+def exit_code(stats: dict[str, Any]) -> int:
+    """The shared policy: 0 when every good input has its output (written now or skipped as there)."""
+    return locations.exit_code(done=stats["ok"] + stats["skipped"], failed_good=stats["failed_good"],
+                               known_bad=stats["known_bad"])
 
 
 def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -129,40 +199,38 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
     import ray
 
     uc = cfg.upscale
-    for name in ("model", "input", "output"):
-        if not getattr(uc, name):
-            raise config_mod.ConfigError(f"upscale.{name} is required")
-    check_model_overrides(model_overrides)
-    from pipelines.mlflow_model import check_model
-
-    check_model(uc.model, uc.tracking_uri or None)      # in seconds, before any listing or decoding
+    check_job(cfg, model_overrides)
     t0 = time.perf_counter()
     items, rows = plan(cfg)
+    if not items and not rows:
+        print(f"samsr upscale: no images under {uc.input!r} (looked for {', '.join(IMAGE_SUFFIXES[:4])}, …); "
+              "nothing written", file=sys.stderr)
+        return summarize(rows, time.perf_counter() - t0)
     if items:
         ensure_ray()
         gpus = uc.gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
-        ds = ds.map(decode_row, num_cpus=0.5, memory=DECODE_MEMORY)
+        ds = ds.map(decode_row, fn_kwargs={"max_pixels": cfg.data.max_pixels, "scale": cfg.data.scale},
+                    num_cpus=0.5, memory=images.decode_memory(lr_pixel_limit(cfg.data)))
         ds = ds.map_batches(UpscaleActor, fn_constructor_kwargs={
                                 "model": uc.model, "model_overrides": list(model_overrides),
                                 "tracking_uri": uc.tracking_uri, "level": uc.png_compress_level,
-                                "threads": int(uc.cpus_per_actor)},
+                                "threads": int(uc.cpus_per_actor), "max_pixels": cfg.data.max_pixels},
                             batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=uc.actors),
                             num_cpus=uc.cpus_per_actor, num_gpus=gpus or None)
         for row in ds.iter_rows():
             rows.append({k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items() if k != "lr_raw"})
     rows.sort(key=lambda r: r["input"])
     storage.write_text(storage.join(uc.output, MANIFEST), "".join(json.dumps(r) + "\n" for r in rows))
-    seconds = time.perf_counter() - t0
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
-    stats = {**counts, "inputs": len(rows), "seconds": seconds,
-             "images_per_s": counts["ok"] / seconds if seconds > 0 and counts["ok"] else 0.0}
-    echo(f"samsr upscale: {counts['ok']} written, {counts['skipped']} skipped (exist), {counts['failed']} failed "
-         f"of {len(rows)} inputs, {stats['images_per_s']:.2f} images/s -> {uc.output} (see {MANIFEST})")
+    stats = summarize(rows, time.perf_counter() - t0)
+    echo(f"samsr upscale: {stats['ok']} written, {stats['skipped']} skipped (exist), {stats['failed']} failed "
+         f"({stats['known_bad']} unusable inputs, {stats['failed_good']} errors to retry) of {len(rows)} inputs, "
+         f"{stats['images_per_s']:.2f} images/s -> {uc.output} (see {MANIFEST})")
     return stats
 
 
-__all__ = ["run", "plan", "output_key", "decode_row", "UpscaleActor", "MANIFEST"]
+__all__ = ["run", "plan", "check_job", "summarize", "exit_code", "output_key", "decode_row",
+           "lr_pixel_limit", "output_size_error", "UpscaleActor", "MANIFEST", "KNOWN_BAD"]
 
 
 def parser():
@@ -173,10 +241,9 @@ def parser():
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipelines.upscale --set upscale.model=... --set upscale.input=... --set upscale.output=...`"""
     args = parser().parse_args(argv)
-    stats = run(config_mod.load(args.config, args.overrides), args.model_overrides)
-    return 0 if stats["failed"] == 0 or stats["ok"] > 0 else 1
+    return run_entrypoint("pipelines.upscale", lambda: exit_code(run(config_mod.load(args.config, args.overrides),
+                                                                args.model_overrides)))
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -11,6 +11,7 @@ per image with seed `infer.seed`, and `val/<metric>`, `val/bicubic_<metric>` and
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -18,8 +19,11 @@ import numpy as np
 
 from samsr import evaluation, images, storage
 from samsr.config import Config
-from samsr.shards.format import decode_members, read_tar
+from samsr.shards.format import decode_members
 from samsr.shards.plan import IMAGE_SUFFIXES
+from samsr.shards.stream import read_shard
+
+log = logging.getLogger(__name__)
 
 PREFIX = "val/"
 
@@ -37,10 +41,14 @@ def enabled(cfg: Config) -> bool:
 
 
 def holdout_keys(cfg: Config, shard_uris: Sequence[str]) -> tuple[frozenset[str], dict[str, dict[str, bytes]]]:
-    """The shard samples held out for validation (none with `job.val`) and their members (last shard only)."""
+    """The shard samples held out for validation (none with `job.val`) and their members (last shard only;
+    the train job passes the shards that hold samples). A damaged shard gives the samples before the damage."""
     if not enabled(cfg) or cfg.job.val:
         return frozenset(), {}
-    members = read_tar(storage.read_bytes(shard_uris[-1]))
+    members, damage = read_shard(shard_uris[-1])
+    if damage is not None:
+        log.warning("samsr train: validation shard %s is damaged (%s); using its %d whole sample(s)",
+                    shard_uris[-1], damage, len(members))
     keys = sorted(members)[:cfg.job.val_images]
     if len(shard_uris) == 1 and len(keys) >= len(members):
         raise ValueError(f"job.val_images={cfg.job.val_images} would hold out all {len(members)} samples of the only "
@@ -67,8 +75,18 @@ def build(cfg: Config, shard_uris: Sequence[str]) -> ValSet | None:
         if not names:        # the last shard holds no sample (every image in it failed)
             print(f"samsr train: no samples in {shard_uris[-1]} to validate on; pass --val to validate", flush=True)
             return None
-        decoded = [decode_members({m: members[k][m] for m in ("hr.png", "lr.png")}) for k in names]
-        pairs = [(d["hr.png"], d["lr.png"]) for d in decoded]
+        pairs = []
+        for key in list(names):
+            try:
+                d = decode_members({m: members[key][m] for m in ("hr.png", "lr.png")})
+                pairs.append((d["hr.png"], d["lr.png"]))
+            except Exception as exc:          # a bad held-out sample: validate on the others
+                log.warning("samsr train: validation sample %r of %s skipped: %s", key, shard_uris[-1], exc)
+                names.remove(key)
+        if not pairs:
+            print(f"samsr train: no decodable validation sample in {shard_uris[-1]}; pass --val to validate",
+                  flush=True)
+            return None
         source = f"{shard_uris[-1]} (first {len(names)} samples, held out of training)"
     cropped = tuple(evaluation.crop_pair(hr, lr, jc.val_crop, scale) for hr, lr in pairs)
     return ValSet(tuple(names), cropped, holdout, source)

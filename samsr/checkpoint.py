@@ -1,6 +1,8 @@
 """Checkpoints: a plain dict of state_dicts + the resolved config, never a pickled module.
 
-Loaded with `torch.load(..., weights_only=True)`, from a local path or an `s3://` URI.
+Loaded with `torch.load(..., weights_only=True)`, from a local path or an `s3://` URI. The stored config
+holds no credentials: the userinfo of every URI in it (e.g. `job.tracking_uri=https://user:pw@host`) and
+presigned signatures are replaced by `***` (samsr.redact) before it is written.
 """
 from __future__ import annotations
 
@@ -10,19 +12,20 @@ from typing import Any, Mapping
 import torch
 
 from samsr import config as config_mod
-from samsr import storage
+from samsr import redact, storage
 
 FORMAT = "samsr-checkpoint/1"
 
 
 def save_checkpoint(uri: str, modules: Mapping[str, torch.nn.Module], cfg: config_mod.Config,
                     extra: Mapping[str, Any] | None = None) -> None:
-    """Write `{name: state_dict}` + config (+ JSON-able extras, e.g. step, MLflow run id) atomically."""
+    """Write `{name: state_dict}` + config (+ JSON-able extras, e.g. step, MLflow run id) atomically;
+    URIs in the config and extras are written without userinfo or signatures."""
     payload = {
         "format": FORMAT,
-        "config": config_mod.to_dict(cfg),
+        "config": redact.redact_config(cfg),
         "state": {name: {k: v.detach().cpu() for k, v in m.state_dict().items()} for name, m in modules.items()},
-        "extra": dict(extra or {}),
+        "extra": redact.redact_value(dict(extra or {})),
     }
     buf = io.BytesIO()
     torch.save(payload, buf)

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class DataConfig:
     scale: int = 4                   # super-resolution factor
     hr_crop: int = 160               # HR training crop side (px), a multiple of `scale`
-    max_pixels: int = 120_000_000    # decompression-bomb limit on decoded images
+    max_pixels: int = 50_000_000     # decoded-size limit (header-checked): a shard decode task reserves ~3.2 GB for it
     min_lr_side: int = 8             # images whose LR would be smaller are rejected
     flips: bool = True               # random horizontal/vertical flips + transposes when cropping
 
@@ -117,7 +117,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    tile: int = 0                       # LR tile side (px); 0 = whole image in one pass
+    tile: int = 0                       # LR tile side (px); 0 = auto: whole image up to auto_tile px a side
+    auto_tile: int = 256                # tile side when tile=0 and the LR is larger; 0 = always one pass
     overlap: int = 8                    # LR overlap between tiles (px)
     tile_batch: int = 4                 # tiles per network call
     seed: int = 0
@@ -157,6 +158,7 @@ class JobConfig:
     val: str = ""                       # HR images (folder | s3://) to validate on; "" = hold out shard samples
     val_images: int = 4                 # images in the validation set (the first N, sorted); 0 = no validation
     val_crop: int = 256                 # central HR crop side of each validation image (px; 0 = whole image)
+    max_skipped_fraction: float = 0.05  # bad shard samples skipped before training fails (share of those read)
 
 
 @dataclass(frozen=True)

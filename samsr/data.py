@@ -37,14 +37,16 @@ def lr_upsampled(lr: np.ndarray, scale: int) -> np.ndarray:
     return images.to_uint8(up)[0]
 
 
-def structure_from_records(records: Sequence[masks_mod.MaskRecord]) -> tuple[np.ndarray, np.ndarray]:
-    """Ordered mask records -> (labels uint16, SPE values float32) (METHOD.md §A).
+def structure_from_records(records: Sequence[masks_mod.MaskRecord],
+                           shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Ordered mask records of an image of `shape` (H, W) -> (labels uint16, SPE values float32) (METHOD.md §A).
 
     Records come ordered by `order_records`; a fallback segmenter has no IoU, so its records keep
-    their (area) order under the stable IoU sort inside `spe.encode`.
+    their (area) order under the stable IoU sort inside `spe.encode`. No records (a flat or
+    low-contrast image SAM finds nothing in) give the all-background map: labels 0, values [0], E ≡ 0.
     """
     ious = [r.predicted_iou if r.predicted_iou is not None else 0.0 for r in records]
-    return spe.encode([r.segmentation for r in records], ious)
+    return spe.encode([r.segmentation for r in records], ious, shape=(int(shape[0]), int(shape[1])))
 
 
 def soft_lrup_maps(y_up: np.ndarray, segmenter) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +78,7 @@ def prepare_sample(key: str, hr: np.ndarray, scale: int, segmenter, lrup_segment
     with hard masks, or soft ones (`soft_masks`, segmenting at 2x: four times SAM's pixels)."""
     hr = images.crop_to_multiple(hr, scale)
     lr = images.make_lr(hr, scale)
-    labels, values = structure_from_records(segmenter.segment(hr))
+    labels, values = structure_from_records(segmenter.segment(hr), hr.shape[:2])
     cover, noise_scale = lrup_maps(lr_upsampled(lr, scale), lrup_segmenter or segmenter, soft_masks)
     cover_max, noise_rms = whole_image_stats(cover, noise_scale)
     return Sample(key, hr, lr, labels, values, cover, float(cover_max), float(noise_rms), noise_scale)

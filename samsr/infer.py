@@ -1,5 +1,8 @@
 """Tiled inference with overlap blending, for images too large for one network call (DESIGN.md infer.py).
 
+`infer.tile=0` (the default) is "auto": an LR of at most `infer.auto_tile` px a side (256: a 1024 px
+output at ×4) runs in one pass, a larger one in tiles of that side, `infer.tile_batch` tiles per call.
+
 For diffusion samplers the noise is one whole-image field per sampler step (`NoiseField`), cropped per
 tile, so tiles share noise; each tile runs its own trajectory and outputs are blended with a window.
 """
@@ -130,7 +133,16 @@ def tiled_super_resolve(sr_fn: SRFn, lr: Tensor, scale: int, tile: int, overlap:
         for k, (y0, x0, y1, x1) in enumerate(boxes_hr):
             out[:, :, y0:y1, x0:x1] += sr[k] * window
             weight[:, :, y0:y1, x0:x1] += window
-    return out / weight
+    return out.div_(weight)             # in place: a large output is not held twice
+
+
+def effective_tile(cfg: InferConfig) -> int:
+    """The LR tile side `cfg` asks for: `tile` when set; else (`tile=0`, auto) `auto_tile`, which
+    `tile_boxes` turns into one pass for an LR that fits in it and tiles of that side for a larger one,
+    so a large image never becomes one huge activation map; 0 when both are 0 (always one pass)."""
+    if cfg.tile < 0 or cfg.auto_tile < 0:
+        raise ValueError(f"infer.tile={cfg.tile} and infer.auto_tile={cfg.auto_tile} must be >= 0")
+    return cfg.tile or cfg.auto_tile
 
 
 def super_resolve_image(method: SRMethod, lr: Tensor, cfg: InferConfig, *, cover: Tensor | None = None,
@@ -145,9 +157,12 @@ def super_resolve_image(method: SRMethod, lr: Tensor, cfg: InferConfig, *, cover
     s = method.scale
     space = getattr(method, "space", None)      # SAMSR may diffuse on a code grid (diffusion/space.py)
     channels, factor = (space.channels, space.factor) if space is not None else (3, 1)
-    if factor > 1 and cfg.tile and (cfg.tile * s % factor or cfg.overlap * s % factor):
-        raise ValueError(f"infer.tile={cfg.tile} and infer.overlap={cfg.overlap} times the scale {s} must be "
-                         f"multiples of the space's factor {factor}")
+    tile = effective_tile(cfg)
+    tiled = bool(tile) and max(lr.shape[2], lr.shape[3]) > tile
+    if factor > 1 and tiled and (tile * s % factor or cfg.overlap * s % factor):
+        raise ValueError(f"LR tile side {tile} (infer.tile={cfg.tile}, infer.auto_tile={cfg.auto_tile}) and "
+                         f"infer.overlap={cfg.overlap} times the scale {s} must be multiples of the space's "
+                         f"factor {factor}")
     h, w = lr.shape[2] * s, lr.shape[3] * s
     field = NoiseField(cfg.seed if seed is None else seed, (1, channels, h // factor, w // factor),
                        lr.device, lr.dtype)
@@ -160,7 +175,7 @@ def super_resolve_image(method: SRMethod, lr: Tensor, cfg: InferConfig, *, cover
         boxes_code = [tuple(c // factor for c in box) for box in boxes_hr]
         return method.super_resolve(tiles, noise_fn=lambda step: field.crop(step, boxes_code), **kwargs)
 
-    return tiled_super_resolve(sr_fn, lr, s, cfg.tile, cfg.overlap, cfg.tile_batch)
+    return tiled_super_resolve(sr_fn, lr, s, tile, cfg.overlap, cfg.tile_batch)
 
 
 def sam_inputs(y_up: np.ndarray, segmenter, soft: bool = False, device: torch.device | str = "cpu") -> dict[str, Any]:

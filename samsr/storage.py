@@ -4,7 +4,8 @@ S3 goes through boto3 (precise error codes for retries, one PUT per write, multi
 large checkpoints); `filesystem()` hands pyarrow a matching filesystem for Ray Data. The endpoint
 comes from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` (MinIO, moto, R2...), the region from
 `AWS_DEFAULT_REGION`/`AWS_REGION` (default us-east-1); credentials come from the usual boto3 chain
-and are never logged. Local writes are atomic (temp file in the same directory, then os.replace).
+and are never logged. Local writes are atomic (a short hidden temp name in the same directory, then
+os.replace).
 """
 from __future__ import annotations
 
@@ -222,6 +223,12 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 # ---------------------------------------------------------------- bytes in and out
 
+def _tmp_path(path: Path) -> Path:
+    """A short, hidden, unique temp name next to `path` (same file system, so the rename is atomic). Its
+    length does not depend on the target's, so any name the file system accepts can be written."""
+    return path.with_name(f".{secrets.token_hex(6)}{_TMP_SUFFIX}")
+
+
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         bucket, key = _split(uri)
@@ -245,7 +252,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     path = Path(uri)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+        tmp = _tmp_path(path)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # umask applies
         try:
             with os.fdopen(fd, "wb") as f:
@@ -371,7 +378,7 @@ def fetch_to_local(uri: str, cache_dir: str | os.PathLike | None = None) -> Path
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+    tmp = _tmp_path(target)
     try:
         _s3_call(uri, "download", lambda: _client().download_file(bucket, key, str(tmp)))
         os.replace(tmp, target)

@@ -102,9 +102,10 @@ def ray_local(s3):
         for name, value in env.items():
             mp.setenv(name, value)
         RayConfig.initialize("")
-        aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.lower() == "no_proxy"}
+        # no runtime_env: the workers inherit the moto endpoint and credentials from this process through
+        # the raylet, as on a cluster node (Ray logs a runtime_env in plain text)
         ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp, _node_ip_address=services.HOST,
-                 runtime_env={"env_vars": aws}, log_to_driver=False)
+                 log_to_driver=False)
         try:
             yield ray
         finally:

@@ -49,7 +49,9 @@ def test_every_cluster_container_has_token_auth_and_the_samsr_image():
         (container,) = group["template"]["spec"]["containers"]
         images.add(container["image"])
         assert {"name": "RAY_AUTH_MODE", "value": "token"} in container["env"]
-        assert container["envFrom"] == [{"secretRef": {"name": "samsr-ray-token"}}]
+        assert container["envFrom"] == [{"secretRef": {"name": "samsr-ray-token"}},
+                                        {"secretRef": {"name": "samsr-credentials", "optional": True}}]
+        assert group["template"]["spec"]["serviceAccountName"] == "samsr"      # IRSA: S3 without keys
     assert len(images) == 1 and "gpu" in {g["groupName"] for g in cluster["workerGroupSpecs"]}
     gpu = next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == "gpu")
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -76,6 +78,48 @@ def test_launcher_and_runtime_env():
     assert set(env) == {"env_vars"} and not any("SECRET" in k or "TOKEN" in k for k in env["env_vars"])
     cluster_text = "".join(p.read_text() for p in CLUSTER.rglob("*.yaml"))
     assert not re.search(r"(?i)(aws_secret_access_key|password)\s*[:=]\s*\S", cluster_text)
+
+
+CREDENTIALS = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|SESSION|CREDENTIAL|PROFILE", re.I)
+
+
+def runtime_envs() -> dict[str, dict]:
+    """Every runtime_env the manifests define: the RayJobs' runtimeEnvYAML and cluster/runtime_env.yaml."""
+    envs = {p.name: yaml.safe_load(yaml.safe_load(p.read_text())["spec"]["runtimeEnvYAML"]) for p in JOBS}
+    envs["runtime_env.yaml"] = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    return envs
+
+
+def test_no_manifest_puts_a_credential_into_a_runtime_env():
+    from pipelines.rayenv import WORKER_ENV
+    from samsr.redact import redact_uri
+
+    envs = runtime_envs()
+    assert len(envs) == len(JOBS) + 1
+    for name, env in envs.items():
+        env_vars = env["env_vars"]
+        assert "AWS_SECRET_ACCESS_KEY" not in env_vars and "AWS_ACCESS_KEY_ID" not in env_vars, name
+        assert not [k for k in env_vars if CREDENTIALS.search(k)], name
+        assert set(env_vars) <= set(WORKER_ENV) | {"OMP_NUM_THREADS"}, name       # the jobs' own allowlist
+        assert all(redact_uri(str(v)) == str(v) for v in env_vars.values()), name  # no user:password@
+
+
+def test_credentials_come_from_the_nodes():
+    """KubeRay: a service account (IRSA) and an optional secret as env; launcher: instance profiles.
+    No container env holds a credential value written in a manifest."""
+    account = yaml.safe_load((CLUSTER / "kuberay" / "serviceaccount.yaml").read_text())
+    assert account["kind"] == "ServiceAccount" and account["metadata"]["name"] == "samsr"
+    assert "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"]
+    cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())["spec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        for entry in group["template"]["spec"]["containers"][0]["env"]:
+            assert not (CREDENTIALS.search(entry["name"]) and "value" in entry), entry
+    launcher = yaml.safe_load((CLUSTER / "launcher" / "aws.yaml").read_text())
+    for name, node in launcher["available_node_types"].items():
+        assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
+    options = " ".join(launcher["docker"]["run_options"])
+    assert "AWS_SECRET_ACCESS_KEY" not in options and "AWS_ACCESS_KEY_ID" not in options
+    assert not re.search(r"-e \w*(TOKEN|PASSWORD)=", options)                     # forwarded by name only
 
 
 @pytest.mark.parametrize("command", ["python -m pipelines.train --set job.nope=1",

@@ -65,6 +65,46 @@ def test_cli_refuses_lpips_without_weights_and_a_missing_model_in_seconds(tmp_pa
     assert time.perf_counter() - t0 < 10 and not ray.is_initialized()      # refused before any work
 
 
+def test_exit_codes_count_recorded_bad_inputs_as_done():
+    def code(*reasons: str) -> int:
+        return eval_job.exit_code(eval_job.counts([{"status": "failed" if r else "ok", "reason": r} for r in reasons]))
+
+    assert code("", "corrupt", "too_large", "unsafe_key", "no_lr", "size_mismatch") == 0
+    assert code("", "read_error") == 1 and code("", "eval_error") == 1     # a usable image that was not scored
+    assert code("corrupt") == 1 and code() == 1                            # nothing scored
+
+
+def test_eval_refuses_an_output_among_its_inputs_and_missing_folders(tmp_path, capsys):
+    def refused(argv: list[str], *where: str, entry=cli.main) -> None:
+        t0 = time.perf_counter()
+        rc, err = entry(argv), capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and all(w in err for w in where), (rc, err)
+        assert time.perf_counter() - t0 < 20
+
+    hr, lr = tmp_path / "hr", tmp_path / "lr"
+    hr.mkdir()
+    lr.mkdir()
+    files = {hr / "a.png": png(bundled_photo("coffee")[:64, :64]), lr / "a.png": png(bundled_photo("coffee")[:16, :16])}
+    for path, data in files.items():
+        path.write_bytes(data)
+    model = str(tmp_path / "model.pt")
+    untrained_teacher_checkpoint(model)
+    before = sorted(tmp_path.rglob("*"))
+    base = ["eval", "--model", model, "--hr", str(hr)]
+    refused(base + ["--output", str(hr)], "is the input")
+    refused(base + ["--output", str(hr / "scores")], "inside the input", str(hr / "scores"))
+    refused(base + ["--lr", str(lr), "--output", str(lr / "scores")], "inside the input", str(lr))
+    refused(base + ["--output", str(tmp_path)], "inside the output")
+    refused(["eval", "--model", model, "--hr", str(tmp_path / "hrr")], "does not exist", str(tmp_path / "hrr"))
+    refused(base + ["--lr", str(tmp_path / "lrr")], "LR input", str(tmp_path / "lrr"))
+    refused(["--set", f"eval.model={model}", "--set", f"eval.hr={hr}", "--set", f"eval.output={hr}/x"],
+            "pipelines.eval", "inside the input", entry=eval_job.main)
+    assert sorted(tmp_path.rglob("*")) == before and {p: p.read_bytes() for p in files} == files
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["eval", "--model", model, "--hr", str(tmp_path / "empty")]) == 1     # nothing to score
+    assert "no images under" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_eval_on_s3_records_bad_inputs_and_matches_lr_by_key(ray_local, s3, tmp_path):
     bucket = s3.bucket("eval-job")

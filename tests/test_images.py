@@ -78,6 +78,19 @@ def test_too_large_message_names_size_and_limit():
     assert info.value.reason == "too_large"
 
 
+def test_image_size_reads_the_header_alone():
+    assert images.image_size(encode(COFFEE[:30, :50], "PNG")) == (50, 30)
+    assert images.image_size(encode(COFFEE[:30, :50], "JPEG")) == (50, 30)
+    # the header claims 12000x12000 and there are no pixels: the size is known without a decode
+    assert images.image_size(png_header_only(12_000, 12_000), name="big.png") == (12_000, 12_000)
+    cases = [(b"", "empty"), (b"not an image" * 10, "corrupt"), (png_header_only(100_000, 100_000), "too_large"),
+             (encode(COFFEE[:32, :32], "ICO"), "unsupported")]
+    for data, reason in cases:
+        with pytest.raises(ImageError) as info:
+            images.image_size(data, name="x.png")
+        assert info.value.reason == reason and "x.png" in str(info.value)
+
+
 def test_too_small_depends_on_scale_and_min_side():
     data = encode(COFFEE[:32, :40], "PNG")
     assert images.decode_image(data, scale=4, min_lr_side=8).shape == (32, 40, 3)   # LR 8x10

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from samsr import config
 from samsr.config import InferConfig
 from samsr.diffusion.samdiffsr import SamDiffSR
-from samsr.infer import NoiseField, blend_window, super_resolve_image, tile_boxes, tiled_super_resolve
+from samsr.infer import (NoiseField, blend_window, effective_tile, super_resolve_image, tile_boxes,
+                         tiled_super_resolve)
 
 
 def test_tile_boxes_fixed_layout():
@@ -38,6 +39,36 @@ def test_tile_boxes_single_pass(tile):
 def test_tile_boxes_rejects_overlap_not_below_tile():
     with pytest.raises(ValueError, match="overlap=8"):
         tile_boxes(40, 40, 8, 8)
+
+
+class TileRecorder:
+    """A fake SRMethod (×2, nearest) that records the shape of every batch of LR tiles it is given."""
+    scale = 2
+
+    def __init__(self):
+        self.calls = []
+
+    def super_resolve(self, lr, *, noise_fn=None, **kwargs):
+        self.calls.append(tuple(lr.shape))
+        return F.interpolate(lr, scale_factor=self.scale, mode="nearest")
+
+
+def test_tile_zero_is_auto_one_pass_for_small_and_tiles_for_large_images():
+    cfg = InferConfig()
+    assert (cfg.tile, cfg.auto_tile, effective_tile(cfg)) == (0, 256, 256)
+    small, large = TileRecorder(), TileRecorder()
+    super_resolve_image(small, torch.zeros(1, 3, 256, 100), cfg)
+    assert small.calls == [(1, 3, 256, 100)]                   # fits in auto_tile: the whole image at once
+    lr = torch.rand(1, 3, 300, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = super_resolve_image(large, lr, cfg)
+    assert large.calls == [(2, 3, 256, 40)]                    # 300 rows > 256: two tiles (rows 0-256, 44-300)
+    assert torch.allclose(out, F.interpolate(lr, scale_factor=2, mode="nearest"), atol=1e-6)
+    never, explicit = TileRecorder(), TileRecorder()
+    super_resolve_image(never, lr, InferConfig(auto_tile=0))   # auto_tile=0: always one pass
+    super_resolve_image(explicit, lr, InferConfig(tile=100, overlap=4, tile_batch=2))   # an explicit tile wins
+    assert never.calls == [(1, 3, 300, 40)] and explicit.calls == [(2, 3, 100, 40), (2, 3, 100, 40)]
+    with pytest.raises(ValueError, match="auto_tile=-1"):
+        effective_tile(InferConfig(auto_tile=-1))
 
 
 def test_blend_window_ramps_and_is_positive():

@@ -227,3 +227,67 @@ def test_label_map_limits_and_shapes():
         label_map([np.zeros((2, 2), bool), np.zeros((2, 3), bool)])
     with pytest.raises(ValueError, match="bool"):
         label_map([np.full((2, 2), 2)])
+
+
+# ----------------------------------------------------------------------------- hostile RLEs (issue 11)
+
+def _runs_by_hand(mask: np.ndarray) -> list[int]:
+    runs, value, n = [], False, 0
+    for bit in mask.T.reshape(-1):               # COCO RLE runs go down columns, starting with zeros
+        if bit != value:
+            runs.append(n)
+            value, n = bit, 0
+        n += 1
+    return runs + [n]
+
+
+def test_rle_counts_parses_pycocotools_strings_exactly():
+    from samsr.structure.masks import rle_counts
+
+    rng = np.random.default_rng(5)
+    masks = [rng.random(tuple(rng.integers(1, 40, 2))) < rng.random() for _ in range(60)]
+    big = np.zeros((300, 400), bool)
+    big[10:290, 30:350] = True                   # runs past 2^15 need multi-char counts and deltas
+    for mask in masks + [big, np.ones((3, 3), bool), np.zeros((3, 3), bool)]:
+        size, runs = rle_counts(rle_encode(mask))
+        assert size == mask.shape and runs.tolist() == _runs_by_hand(mask)
+
+
+def test_rle_that_would_write_past_its_mask_is_refused_before_decoding():
+    from samsr.structure.masks import rle_counts
+
+    rle = rle_encode(np.ones((4, 4), bool))                 # runs 0, 16
+    for bad, why in (({**rle, "size": [2, 2]}, "cover 16 px, not the 2x2 = 4"),   # pycocotools would overflow
+                     ({**rle, "size": [100_000, 100_000]}, "over the limit"),
+                     ({**rle, "size": [-1, 4]}, "non-negative"),
+                     ({**rle, "counts": rle["counts"] + "\x00"}, "outside the COCO alphabet"),
+                     ({**rle, "counts": "0" + "o"}, "cut short"),          # 'o' = continuation bit set
+                     ({**rle, "counts": "0" + "Q" * 9 + "0"}, "spans 10 chars"),
+                     ({"size": [2, 2], "counts": "0@"}, "negative run")):    # "@": sign bit, -32
+        with pytest.raises(ValueError, match=why):
+            rle_counts(bad)
+        with pytest.raises(ValueError, match=why):
+            rle_decode(bad)
+    with pytest.raises(ValueError, match=r"RLE size \[4, 4\] is not the image's \(8, 8\)"):
+        rle_decode(rle, shape=(8, 8))
+    assert rle_decode(rle, shape=(4, 4)).all()
+
+
+def test_records_from_json_bounds_masks_by_the_image():
+    items = records_to_json([record_from_mask(np.eye(6, 8, dtype=bool), 0.5, 0.5)])
+    assert records_from_json(items, shape=(6, 8))[0].area == 6
+    with pytest.raises(ValueError, match=r"mask record 0: RLE size \[6, 8\] is not the image's \(6, 9\)"):
+        records_from_json(items, shape=(6, 9))
+    with pytest.raises(ValueError, match="JSON list"):
+        records_from_json({"segmentation": 1})
+    with pytest.raises(ValueError, match="mask record 0 is a int"):
+        records_from_json([3])
+
+
+def test_structure_without_masks_is_all_background():
+    from samsr.data import structure_from_records
+
+    labels, values = structure_from_records([], (5, 7))      # raised 'no masks and no shape' before
+    assert labels.shape == (5, 7) and labels.dtype == np.uint16 and not labels.any()
+    assert values.dtype == np.float32 and values.tolist() == [0.0]
+    assert not spe_map(labels, values).any()                 # E ≡ 0

@@ -174,3 +174,23 @@ def test_bad_inputs():
     if importlib.util.find_spec("cv2") is None:   # opencv is not a dependency
         with pytest.raises(SegmenterError, match="OpenCV"):
             TinySamSegmenter(0, settings={"min_mask_region_area": 10}, device="cpu")
+
+
+def test_cli_tiny_sam_gets_the_tiny_presets_settings_and_finds_masks(photo):
+    from pipelines import cli
+    from samsr import config
+
+    args = cli.build_parser().parse_args(["shard", "--input", "in", "--output", "out", "--segmenter", "tiny-sam"])
+    got = config.load(args.config, cli.shard_overrides(args)).segmenter      # on the paper preset (samdiffsr)
+    preset = config.load("samdiffsr-tiny").segmenter
+    assert config.to_dict(got) == config.to_dict(config.replace(preset, device=got.device))
+    assert got.pred_iou_thresh == -1.0 and got.stability_score_thresh == 0.0
+    strict = config.replace(got, **{k: getattr(SegmenterConfig(), k) for k in ("pred_iou_thresh",
+                                                                               "stability_score_thresh",
+                                                                               "box_nms_thresh")})
+    assert build_segmenter(config.replace(strict, device="cpu")).segment(photo) == []   # SAM's defaults: none
+    assert len(build_segmenter(config.replace(got, device="cpu")).segment(photo)) > 0
+    # an explicit --set still wins over what the flag brings
+    args = cli.build_parser().parse_args(["shard", "--input", "in", "--segmenter", "tiny-sam",
+                                          "--set", "segmenter.points_per_side=4"])
+    assert config.load(args.config, cli.shard_overrides(args)).segmenter.points_per_side == 4

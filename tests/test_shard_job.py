@@ -3,9 +3,12 @@ moto S3 server: bad and odd inputs, read-back with webdataset and Ray Data, resu
 byte-identical reruns, the tiny random SAM in the actor pool, dry-run and the CLI mapping."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import subprocess
+import tarfile
 import sys
 from pathlib import Path
 
@@ -34,6 +37,8 @@ def exif_rotated(rgb: np.ndarray) -> bytes:
 
 
 ASTRO, COFFEE, CAT = skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()
+ITALY = "2023/summer-vacation/italy/IMG_20230712_123456_HDR_edited_final.png"
+LONG_KEY = "2023/Ürlaub in Italien – " + "Çinque Terre, ä ö ü ß; " * 34 + "/IMG 0001 (final).png"
 GOOD = {
     "rgb.png": encode(ASTRO[:96, :128], "PNG"),
     "photo.jpg": encode(COFFEE[100:196, 200:328], "JPEG", quality=90),
@@ -44,6 +49,10 @@ GOOD = {
     "palette.png": encode(Image.fromarray(CAT[100:196, 100:228]).convert("P"), "PNG"),
     "exif_rotated.jpg": exif_rotated(ASTRO[300:396, 100:164]),
     "sub/dir/nested.png": encode(COFFEE[200:296, 300:396], "PNG"),
+    # keys a real bucket holds: long, nested, spaces and non-ASCII (up to S3's 1024 bytes), a flat image
+    ITALY: encode(CAT[50:146, 50:178], "PNG"),
+    LONG_KEY: encode(ASTRO[150:246, 150:246], "JPEG", quality=90),
+    "flat grey.png": encode(np.full((96, 128, 3), 128, np.uint8), "PNG"),
 }
 _jpg = encode(ASTRO[:128, :160], "JPEG", quality=90)
 BAD = {
@@ -86,9 +95,11 @@ def s3_run(s3_input, s3, ray_local):
 @pytest.mark.slow
 def test_s3_prefix_every_valid_image_present_bad_ones_reported(s3_input, s3_run):
     out, stats = s3_run
-    assert (stats["ok"], stats["failed"], stats["shards"]) == (9, 5, 4)      # 14 images, 4 per shard
+    assert len(f"photos/{LONG_KEY}".encode()) <= 1024                          # S3's longest key
+    assert (stats["ok"], stats["failed"], stats["shards"]) == (12, 5, 5)     # 17 images, 4 per shard
+    assert (stats["known_bad"], stats["failed_good"], shard_job.resume.exit_code(stats)) == (5, 0, 0)
     tars = read_shards(out)
-    assert sorted(tars) == [f"shard-0000{i}.tar" for i in range(4)]
+    assert sorted(tars) == [f"shard-0000{i}.tar" for i in range(5)]
     samples = {k: v for t in tars.values() for k, v in fmt.read_tar(t).items()}
     assert sorted(samples) == sorted(fmt.sample_key(n) for n in GOOD)
     members = sorted(fmt.MEMBERS_HR + fmt.MEMBERS_LRUP)
@@ -98,13 +109,17 @@ def test_s3_prefix_every_valid_image_present_bad_ones_reported(s3_input, s3_run)
     assert all(f["message"] for f in failures)
     manifest = json.loads(storage.read_bytes(f"{out}/_manifest/shard-00000.json"))
     assert manifest["ok"] + manifest["failed"] == 4 and all("t_segment" in s for s in manifest["samples"])
-    # the last shard (tiny.png, truncated.jpg) holds no valid image: an empty tar, no contact sheet
-    assert fmt.read_tar(tars["shard-00003.tar"]) == {}
-    assert [Path(u).name for u in storage.list_files(f"{out}/_preview")] == [f"shard-0000{i}.jpg" for i in range(3)]
+    # the last shard (truncated.jpg) holds no valid image: an empty tar, no contact sheet
+    assert fmt.read_tar(tars["shard-00004.tar"]) == {}
+    assert [Path(u).name for u in storage.list_files(f"{out}/_preview")] == [f"shard-0000{i}.jpg" for i in range(4)]
+    with tarfile.open(fileobj=io.BytesIO(tars["shard-00000.tar"]), mode="r:") as tar:   # the two long keys
+        assert max(len(n.encode()) for n in tar.getnames()) <= 100
+    assert json.loads(samples[fmt.sample_key(LONG_KEY)]["json"])["source"] == f"{s3_input}/{LONG_KEY}"
+    assert manifest["tar_sha256"] == hashlib.sha256(tars["shard-00000.tar"]).hexdigest()
     sheet = Image.open(io.BytesIO(storage.read_bytes(f"{out}/_preview/shard-00000.jpg")))
     assert sheet.format == "JPEG" and sheet.size[0] > 64
     plan = json.loads(storage.read_bytes(f"{out}/_plan.json"))
-    assert plan["num_images"] == 14 and plan["fingerprint"]["segmenter"]["kind"] == "superpixel"
+    assert plan["num_images"] == 17 and plan["fingerprint"]["segmenter"]["kind"] == "superpixel"
 
 
 @pytest.mark.slow
@@ -152,7 +167,8 @@ def reference_run(local_input, tmp_path_factory, ray_local):
 
 
 @pytest.mark.slow
-def test_kill_midway_then_rerun_gives_the_uninterrupted_bytes(local_input, reference_run, tmp_path, ray_local):
+def test_kill_midway_then_rerun_gives_the_uninterrupted_bytes(local_input, reference_run, tmp_path, ray_local,
+                                                              monkeypatch):
     cfg = shard_cfg(str(local_input), str(tmp_path / "out"))
     with pytest.raises(RuntimeError, match="test hook"):
         shard_job.run(cfg, fail_after_shards=1)
@@ -163,6 +179,18 @@ def test_kill_midway_then_rerun_gives_the_uninterrupted_bytes(local_input, refer
     assert stats["shards_written_this_run"] == 1 and first[0].stat().st_mtime_ns == before   # only the missing one
     assert read_shards(str(tmp_path / "out")) == read_shards(str(reference_run))
     assert shard_job.run(cfg)["shards_written_this_run"] == 0                                # finished: no-op
+    # a tar cut short is not trusted (its manifest records size + sha256): rebuilt, and said so; a
+    # relative --input/--output resumes what the absolute ones started
+    tar1 = tmp_path / "out" / "shard-00001.tar"
+    tar1.write_bytes(tar1.read_bytes()[:1000])
+    monkeypatch.chdir(local_input.parent)
+    rel = config.replace(cfg, shard=config.replace(cfg.shard, input=os.path.relpath(local_input) + "/",
+                                                   output=os.path.relpath(tmp_path / "out")))
+    lines: list[str] = []
+    stats = shard_job.run(rel, echo=lines.append)
+    assert stats["shards_written_this_run"] == 1 and stats["shards_rebuilt_this_run"] == {"tar truncated": 1}
+    assert "1 of them rebuilt (1 tar truncated)" in lines[0] and stats["images_not_in_plan"] == 0
+    assert read_shards(str(tmp_path / "out")) == read_shards(str(reference_run))
     with pytest.raises(ValueError, match="samples_per_shard"):
         shard_job.run(config.replace(cfg, shard=config.replace(cfg.shard, samples_per_shard=3)))
 

@@ -64,6 +64,28 @@ def test_local_write_is_atomic_and_leaves_no_temp_files(tmp_path):
     assert os.listdir(target.parent) == ["out.json"]
 
 
+LONG_NAME = "n" * 246 + ".png"     # 250 bytes: near the 255-byte limit of a file name on ext4, xfs, apfs
+
+
+def test_local_names_near_the_file_system_limit_can_be_written(tmp_path):
+    target = tmp_path / "d" / LONG_NAME
+    storage.write_bytes(str(target), b"long")         # the temp name must not be longer than the name itself
+    assert target.read_bytes() == b"long"
+    storage.write_bytes(str(target), b"again")        # and replaced atomically
+    assert target.read_bytes() == b"again" and os.listdir(target.parent) == [LONG_NAME]
+    # a temp file left by a killed writer is hidden and never listed as an output
+    (target.parent / ".0123456789ab.samsr-tmp").write_bytes(b"partial")
+    assert storage.list_files(str(tmp_path)) == [str(target)]
+
+
+def test_fetch_to_local_of_an_object_with_a_long_name(s3, tmp_path):
+    uri = storage.join(s3.bucket("weights"), "long", LONG_NAME)
+    storage.write_bytes(uri, b"w" * 100)
+    got = storage.fetch_to_local(uri, tmp_path / "cache")
+    assert got.name == LONG_NAME and got.read_bytes() == b"w" * 100
+    assert os.listdir(got.parent) == [LONG_NAME]
+
+
 def test_missing_bucket_and_object_errors_name_uri_and_endpoint(s3):
     uri = storage.join(s3.bucket("errs"), "nope", "x.png")
     with pytest.raises(ObjectNotFound) as info:

@@ -2,6 +2,8 @@
 MLflow server, checkpoints under Ray Train storage, and resume after a failure into the same MLflow run."""
 from __future__ import annotations
 
+import secrets
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,9 @@ def shards(tmp_path_factory):
 def test_stream_reads_shards_into_batches(shards):
     uris = stream.list_shards(str(shards))
     assert [Path(u).name for u in uris] == ["shard-00000.tar", "shard-00001.tar"]
-    assert stream.rank_shards(uris, 1, 2) == [uris[1]] and stream.rank_shards(uris, 2, 3) == uris
+    counts = stream.shard_counts(uris)                       # no manifests here: counted from the tars
+    assert counts == {uris[0]: 2, uris[1]: 2}
+    assert stream.assign_shards(counts, 2) == [[uris[0]], [uris[1]]] and stream.assign_shards(counts, 3) == [uris] * 3
     it = stream.batches(uris, batch_size=3, hr_crop=32, scale=4, seed=0, pool=2, crops_per_sample=2)
     first = next(it)
     assert first["hr"].shape == (3, 3, 32, 32) and first["lr"].shape == (3, 3, 8, 8)
@@ -71,15 +75,58 @@ def test_stream_errors_reach_the_training_loop(shards, tmp_path):
         next(stream.batches([str(tmp_path / "shard-00001.tar")], batch_size=2, hr_crop=32, scale=4, seed=0, pool=1))
 
 
+def test_a_resumed_tracker_logs_no_step_twice(mlflow_server):
+    from mlflow import MlflowClient
+
+    from pipelines.tracking import Tracker
+
+    cfg = config.load("samsr-teacher-tiny", [f"job.tracking_uri={mlflow_server}", "job.experiment=tracker-resume"])
+    first = Tracker(cfg, "resumed")
+    for step in range(1, 5):                   # the checkpoint was at step 3, then the run died after step 4
+        first.metrics(step, {"loss": float(step)})
+    first.metrics(3, {"val/psnr_y": 20.0})
+    first.finish(False)
+    again = Tracker(cfg, "resumed", first.run_id)             # steps 4.. run again from the checkpoint
+    for step in range(4, 7):
+        again.metrics(step, {"loss": 10.0 + step})
+    again.metrics(6, {"val/psnr_y": 21.0})
+    again.finish(True)
+    client = MlflowClient(mlflow_server)
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(first.run_id, "loss"))
+    assert loss == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 15.0), (6, 16.0)]
+    val = sorted((m.step, m.value) for m in client.get_metric_history(first.run_id, "val/psnr_y"))
+    assert val == [(3, 20.0), (6, 21.0)]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_checkpoint_folders_ray_train_does_not_list_are_removed(tmp_path):
+    from pipelines import train
+
+    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_orphan", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.pt").write_bytes(b"x")
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")      # Ray Train's own file stays
+    removed = train.remove_orphan_checkpoints(None, str(tmp_path), [str(tmp_path / "checkpoint_a"),
+                                                                    str(tmp_path / "checkpoint_b") + "/"])
+    assert removed == [str(tmp_path / "checkpoint_orphan")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_a", "checkpoint_b",
+                                                          "checkpoint_manager_snapshot.json", "other"]
+
+
 @pytest.mark.slow
 def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_server, shards, tmp_path):
     from mlflow import MlflowClient
 
     from pipelines import train
 
+    # userinfo in the tracking URI (our MLflow server has no auth and ignores it): the workers must use it,
+    # and it must reach neither MLflow params, nor checkpoints, nor Ray's own files (its logs, exported
+    # Train run state: Ray Train V2 exports the loop config)
+    password = "pw-" + secrets.token_hex(8)
+    with_user = mlflow_server.replace("://", f"://bob:{password}@", 1)
     cfg = config.load("samsr-teacher-tiny", [
         f"job.shards={shards}", f"job.storage={tmp_path / 'runs'}", "job.name=resume-test",
-        "job.num_workers=2", f"job.tracking_uri={mlflow_server}", "job.experiment=train-job-test",
+        "job.num_workers=2", f"job.tracking_uri={with_user}", "job.experiment=train-job-test",
         "job.sample_pool=2", "job.crops_per_sample=2", "train.iterations=6", "train.checkpoint_every=3",
         "train.log_every=1", "train.batch_size=4", "train.num_threads=1", "data.hr_crop=32",
         "train.eval_every=3", "job.val_images=1", "job.val_crop=48"])
@@ -90,6 +137,11 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
     (failed,) = client.search_runs([exp.experiment_id])
     assert failed.info.status == "FAILED"
     assert sorted(m.step for m in client.get_metric_history(failed.info.run_id, "loss")) == [1, 2, 3, 4]
+    # a worker that outlived its killed driver would leave a checkpoint Ray Train does not know about
+    run_dir = tmp_path / "runs" / "resume-test"
+    (kept_before,) = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]     # not Ray's snapshot .json
+    orphan = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
+    shutil.copytree(kept_before, orphan)
 
     out = train.run(cfg)                                   # same name + storage: resumes from step 3
     runs = client.search_runs([exp.experiment_id])
@@ -98,9 +150,19 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
     assert out["mlflow_run_id"] == run.info.run_id
     assert out["metrics"]["step"] == 6 and out["metrics"]["replica_param_spread"] == 0.0
     assert run.data.params["job.num_workers"] == "2" and run.data.params["train.lr"] == "0.001"
-    assert run.data.params["job.tracking_uri"] == mlflow_server          # no credentials in it to redact
+    assert run.data.params["job.tracking_uri"] == mlflow_server.replace("://", "://***@", 1)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6] and steps.count(4) == 2   # step 4 ran again after resume
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]           # step 4 ran again after the resume, logged once
+    for key in run.data.metrics:                           # no metric holds a step twice
+        logged = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(logged) == len(set(logged)), (key, logged)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "data/skipped_samples")
+            if m.step == 6] == [(6, 0.0)]
+    # only the checkpoints Ray Train kept are left: the one from before the failure and the last one
+    assert [Path(p).name for p in out["removed_checkpoints"]] == [orphan.name] and not orphan.exists()
+    left = sorted(load_checkpoint(str(p / "model.pt"))["extra"]["step"] for p in run_dir.glob("checkpoint_*")
+                  if p.is_dir())
+    assert left == [3, 6] and (kept_before / "model.pt").exists()
     # validation on the held-out shard sample (EMA weights, fixed seed) at steps 3 and 6, bicubic beside it
     val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/psnr_y")}
     bicubic = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/bicubic_psnr_y")}
@@ -156,6 +218,11 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
     assert logged["eval/two-photos/images"] == 2.0
     assert [a.path for a in client.list_artifacts(run.info.run_id, "eval/two-photos")] == ["eval/two-photos/scores.json"]
 
+    session = Path(ray_local._private.worker._global_node.get_session_dir_path())
+    leaks = [p for root in (session, tmp_path) for p in root.rglob("*") if p.is_file()
+             and password.encode() in p.read_bytes()]
+    assert leaks == [], [line for p in leaks for line in p.read_text(errors="replace").splitlines() if password in line]
+
 
 @pytest.mark.slow
 def test_samdiffsr_two_stages_with_shards_and_checkpoints_on_s3(ray_local, mlflow_server, shards, s3):
@@ -172,7 +239,14 @@ def test_samdiffsr_two_stages_with_shards_and_checkpoints_on_s3(ray_local, mlflo
         "job.sample_pool=2", "train.rrdb_iterations=2", "train.iterations=2", "train.checkpoint_every=2",
         "train.log_every=1", "train.batch_size=2", "train.num_threads=1", "data.hr_crop=32",
         "samdiffsr.timesteps=4"])
+    orphan = f"{bucket}/runs/samdiffsr-s3/checkpoint_2000-01-01_00-00-00.000000/model.pt"
+    storage.write_bytes(orphan, b"left by a worker of a killed driver")
     out = train.run(cfg)
+    assert not storage.exists(orphan) and [Path(p).name for p in out["removed_checkpoints"]] == [
+        "checkpoint_2000-01-01_00-00-00.000000"]
+    left = storage.list_files(f"{bucket}/runs/samdiffsr-s3", ["model.pt"])   # the end of each stage, both kept
+    assert out["checkpoint"] in left
+    assert sorted(load_checkpoint(u)["extra"]["stage"] for u in left) == ["diffusion", "rrdb"]
     assert out["checkpoint"].startswith(f"{bucket}/runs/samdiffsr-s3/checkpoint_")
     payload = load_checkpoint(out["checkpoint"])
     assert payload["extra"]["stage"] == "diffusion" and payload["extra"]["step"] == 2
@@ -186,6 +260,9 @@ def test_samdiffsr_two_stages_with_shards_and_checkpoints_on_s3(ray_local, mlflo
     assert run.info.status == "FINISHED" and run.data.params["method"] == "samdiffsr"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "rrdb/rrdb_l1")] == [1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    for key in ("samples_per_s", "rrdb/samples_per_s", "replica_param_spread", "rrdb/replica_param_spread"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == ([1, 2] if "samples" in key
+                                                                                   else [2]), key
     assert out["metrics"]["replica_param_spread"] == 0.0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import tarfile
 from typing import Any, Iterable, Mapping, Sequence
@@ -19,16 +20,24 @@ from PIL import Image
 from samsr.structure import masks as masks_mod
 
 TAR_MTIME = 946684800          # 2000-01-01T00:00:00Z, fixed so shards are byte-reproducible
-KEY_HASH_CHARS = 10
-KEY_STEM_CHARS = 80
 MEMBERS_HR = ("hr.png", "lr.png", "hr.masks.json", "hr.seg.png", "hr.spe.npy", "json")
 MEMBERS_LRUP = ("lrup.masks.json", "lrup.cover.png")
+USTAR_NAME_BYTES = 100         # a plain ustar header holds member names up to 100 bytes
+KEY_HASH_CHARS = 10
+# the stem is cut so that `<key>.<longest member>` fits a plain ustar name (73 chars): every member
+# name of every sample stays a classic header that any tar reader takes; keys of up to 73 sanitised
+# chars are as before, longer source keys (up to S3's 1024 bytes) are cut and told apart by the hash
+KEY_STEM_CHARS = USTAR_NAME_BYTES - max(len(m) for m in MEMBERS_HR + MEMBERS_LRUP) - 2 - KEY_HASH_CHARS
+TAR_FORMAT = tarfile.PAX_FORMAT   # = ustar bytes for names that fit; a pax header only past 100 bytes
+NPY_MAX_HEADER = 4096           # bytes of a .npy header we read (np.save writes 128)
 
 
 def sample_key(relative_key: str) -> str:
-    """`'dir/a b.png'` -> `'dir_a_b_png-<10 hex>'`: [A-Za-z0-9_-] only (no dots, WebDataset splits there).
+    """`'dir/a b.png'` -> `'dir_a_b_png-<10 hex>'`: [A-Za-z0-9_-] only (no dots, WebDataset splits there),
+    at most 84 chars, so every member name fits ustar's 100 bytes.
 
-    The hash is of the relative key itself, so two sources that sanitise alike still get distinct keys.
+    The hash is of the relative key itself, so two sources that sanitise alike (or share their
+    first 73 sanitised chars) still get distinct keys.
     """
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", relative_key).strip("_")[:KEY_STEM_CHARS] or "x"
     return f"{stem}-{hashlib.sha256(relative_key.encode('utf-8')).hexdigest()[:KEY_HASH_CHARS]}"
@@ -66,7 +75,29 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def npy_array(data: bytes) -> np.ndarray:
+def npy_array(data: bytes, where: str = "") -> np.ndarray:
+    """.npy bytes -> array. The header is read first: the array it declares must be exactly the bytes
+    that follow (a header claiming a huge shape is refused before anything is allocated), and hold
+    no Python objects."""
+    label = f"{where}: " if where else ""
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf, max_header_size=NPY_MAX_HEADER)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf, max_header_size=NPY_MAX_HEADER)
+        else:
+            raise ValueError(f"unknown .npy version {version}")
+    except (ValueError, EOFError, OSError) as exc:
+        raise ValueError(f"{label}not a readable .npy ({len(data)} bytes): {exc}") from None
+    if dtype.hasobject:
+        raise ValueError(f"{label}.npy of dtype {dtype} holds Python objects; refused")
+    count = math.prod(shape)
+    body = len(data) - buf.tell()
+    if count * dtype.itemsize != body:
+        raise ValueError(f"{label}.npy header declares {dtype} {shape} = {count * dtype.itemsize} bytes "
+                         f"but {body} follow")
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
@@ -84,35 +115,100 @@ def lrup_members(records: Sequence[masks_mod.MaskRecord], cover: np.ndarray, com
             "lrup.cover.png": png_bytes(cover.astype(np.uint8, copy=False), compress_level)}
 
 
-def decode_members(members: Mapping[str, bytes]) -> dict[str, Any]:
+def _hr_shape(out: dict[str, Any]) -> tuple[int, int] | None:
+    """(H, W) of the sample's HR image: from hr.png when decoded, else from the json meta's hr_size."""
+    if "hr.png" in out:
+        return out["hr.png"].shape[:2]
+    size = out.get("json", {}).get("hr_size") if isinstance(out.get("json"), dict) else None
+    if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v >= 0 for v in size):
+        return int(size[1]), int(size[0])
+    return None
+
+
+def _check_member(name: str, value: Any, shape: tuple[int, int] | None, out: dict[str, Any]) -> str:
+    """Why a decoded member disagrees with the sample (its HR shape, its label map, its masks), or ''."""
+    if name == "json":
+        return "" if isinstance(value, dict) else f"is a JSON {type(value).__name__}, not an object"
+    if name == "hr.png":
+        return "" if value.ndim == 3 and value.shape[2] == 3 and value.dtype == np.uint8 else \
+            f"is {value.shape} {value.dtype}, not (H,W,3) uint8"
+    if name == "lr.png":
+        if value.ndim != 3 or value.shape[2] != 3 or value.dtype != np.uint8 or min(value.shape[:2]) < 1:
+            return f"is {value.shape} {value.dtype}, not (h,w,3) uint8"
+        if shape is not None:
+            (hh, hw), (lh, lw) = shape, value.shape[:2]
+            if hh % lh or hw % lw or hh // lh != hw // lw:
+                return f"{lh}x{lw} is not the HR {hh}x{hw} divided by one whole scale"
+        return ""
+    if name in ("hr.seg.png", "lrup.cover.png"):
+        dtype = np.uint16 if name == "hr.seg.png" else np.uint8
+        if value.ndim != 2 or value.dtype != dtype:
+            return f"is {value.shape} {value.dtype}, not (H,W) {np.dtype(dtype).name}"
+        return "" if shape is None or value.shape == tuple(shape) else f"is {value.shape}, not the HR {tuple(shape)}"
+    if name == "hr.spe.npy":
+        if value.ndim != 1 or value.dtype != np.float32 or value.size < 1:
+            return f"is {value.shape} {value.dtype}, not (K+1,) float32"
+        seg = out.get("hr.seg.png")
+        top = int(seg.max()) if seg is not None and seg.size else 0
+        if top >= value.size:
+            return f"holds {value.size} values but hr.seg.png uses label {top}"
+        masks = out.get("hr.masks.json")
+        if masks is not None and value.size != len(masks) + 1:
+            return f"holds {value.size} values for {len(masks)} masks (expected {len(masks) + 1})"
+    return ""
+
+
+DECODE_ORDER = ("json", "hr.png", "lr.png", "hr.seg.png", "hr.masks.json", "hr.spe.npy", "lrup.masks.json",
+                "lrup.cover.png")
+
+
+def decode_members(members: Mapping[str, bytes], where: str = "") -> dict[str, Any]:
     """Member bytes (names without the key, e.g. 'hr.png') -> arrays, records and meta dicts.
 
     hr/lr (H,W,3) uint8; seg (H,W) uint16; spe (K+1,) float32; cover (H,W) uint8; *.masks.json ->
-    list[MaskRecord]; json -> dict.
+    list[MaskRecord]; json -> dict. Members are inputs too: each is checked against the sample (HR
+    shape from hr.png, else from the json's hr_size), mask RLEs are bounded by the HR size before
+    they are decoded, and any disagreement is a ValueError naming `where` (shard/key) and the member.
     """
+    label = f"{where}: " if where else ""
+    unknown = sorted(set(members) - set(DECODE_ORDER))
+    if unknown:
+        raise ValueError(f"{label}unknown shard member {unknown[0]!r}; known: {', '.join(MEMBERS_HR + MEMBERS_LRUP)}")
     out: dict[str, Any] = {}
-    for name, data in members.items():
-        if name.endswith(".png"):
-            out[name] = png_array(data)
-        elif name.endswith(".npy"):
-            out[name] = npy_array(data)
-        elif name.endswith("masks.json"):
-            out[name] = masks_mod.records_from_json(json.loads(data))
-        elif name == "json":
-            out[name] = json.loads(data)
-        else:
-            raise ValueError(f"unknown shard member {name!r}; known: {', '.join(MEMBERS_HR + MEMBERS_LRUP)}")
-    return out
+    for name in (n for n in DECODE_ORDER if n in members):
+        data = members[name]
+        shape = _hr_shape(out)
+        try:
+            if name.endswith(".png"):
+                value = png_array(data)
+            elif name.endswith(".npy"):
+                value = npy_array(data)
+            elif name.endswith("masks.json"):
+                value = masks_mod.records_from_json(json.loads(data), shape=shape)
+            else:
+                value = json.loads(data)
+        except Exception as exc:      # PIL, JSON, npy, RLE: every way a member can be bad
+            raise ValueError(f"{label}{name} cannot be read: {' '.join(str(exc).split())[:300]}") from None
+        why = _check_member(name, value, shape, out)
+        if why:
+            raise ValueError(f"{label}{name} {why}")
+        out[name] = value
+    return {name: out[name] for name in members}
 
 
 def tar_bytes(samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> bytes:
-    """(key, {member: bytes}) in plan order -> tar bytes: members sorted per sample, fixed mtime, uid/gid 0."""
+    """(key, {member: bytes}) in plan order -> tar bytes: members sorted per sample, fixed mtime, uid/gid 0.
+
+    The one function that makes a shard's bytes. Names within ustar's 100 bytes (all that
+    `sample_key` makes) give plain ustar headers; a longer one gets a pax header instead of failing.
+    """
     buf = io.BytesIO()
     seen: set[str] = set()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=TAR_FORMAT) as tar:
         for key, members in samples:
-            if key in seen or "." in key or "/" in key:
-                raise ValueError(f"sample key {key!r} is repeated or holds '.' or '/'; make keys with sample_key")
+            if key in seen or "." in key or "/" in key or not key:
+                raise ValueError(f"sample key {key!r} is empty, repeated or holds '.' or '/'; "
+                                 "make keys with sample_key")
             seen.add(key)
             for name in sorted(members):
                 data = members[name]
@@ -124,15 +220,34 @@ def tar_bytes(samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> bytes:
     return buf.getvalue()
 
 
-def read_tar(data: bytes) -> dict[str, dict[str, bytes]]:
-    """Tar bytes -> {key: {member: bytes}} in tar order (the inverse of `tar_bytes`)."""
+def read_tar(data: bytes, where: str = "") -> dict[str, dict[str, bytes]]:
+    """Tar bytes -> {key: {member: bytes}} in tar order (the inverse of `tar_bytes`).
+
+    Plain tar only (no gzip/bz2/xz: a shard is never compressed, and a compressed stream could expand
+    without bound); regular files only; a cut or damaged tar, a name without `<key>.<member>` or a
+    repeated member is a ValueError naming `where` (the shard) and the member.
+    """
+    label = f"{where}: " if where else ""
     out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-        for info in tar:
-            key, _, name = info.name.partition(".")
-            out.setdefault(key, {})[name] = tar.extractfile(info).read()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    raise ValueError(f"member {info.name!r} is not a regular file")
+                key, _, name = info.name.partition(".")
+                if not key or not name:
+                    raise ValueError(f"member {info.name!r} is not named <key>.<member>")
+                if name in out.get(key, {}):
+                    raise ValueError(f"member {info.name!r} appears twice")
+                out.setdefault(key, {})[name] = tar.extractfile(info).read()
+            end = tar.offset                  # where the members stopped: the end-of-archive blocks follow
+            if data[end:end + tarfile.BLOCKSIZE] != tarfile.NUL * tarfile.BLOCKSIZE:
+                raise ValueError(f"it ends at byte {end} without the end-of-archive blocks (cut short?)")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise ValueError(f"{label}not a whole plain tar ({len(data)} bytes): {exc}") from None
     return out
 
 
 __all__ = ["sample_key", "dumps", "png_bytes", "png_array", "npy_bytes", "npy_array", "structure_members",
-           "lrup_members", "decode_members", "tar_bytes", "read_tar", "TAR_MTIME", "MEMBERS_HR", "MEMBERS_LRUP"]
+           "lrup_members", "decode_members", "tar_bytes", "read_tar", "TAR_MTIME", "MEMBERS_HR", "MEMBERS_LRUP",
+           "USTAR_NAME_BYTES"]

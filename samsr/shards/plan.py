@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from samsr import storage
 from samsr.config import Config
+from samsr.locations import LocationError, normalize
 from samsr.shards.format import dumps, sample_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".tga",
@@ -57,13 +58,14 @@ def build_plan(cfg: Config, uris: Sequence[str] | None = None) -> Plan:
         raise ValueError(f"shard.samples_per_shard={sc.samples_per_shard} must be >= 1")
     if not sc.input:
         raise ValueError("shard.input is empty; pass --input DIR or s3://bucket/prefix")
-    listing = sorted(uris) if uris is not None else storage.list_files(sc.input, IMAGE_SUFFIXES)
-    if sc.limit > 0:
+    base = normalize(sc.input)       # absolute: the plan holds the same URIs whatever the caller's cwd
+    listing = sorted(uris) if uris is not None else list_images(base, sc.limit)
+    if uris is not None and sc.limit > 0:
         listing = listing[: sc.limit]
     entries, rejected, keys = [], [], set()
     for uri in listing:
         try:
-            rel = storage.relative_key(sc.input, uri) if uri != sc.input else uri.rsplit("/", 1)[-1]
+            rel = storage.relative_key(base, uri) if normalize(uri) != base else uri.rsplit("/", 1)[-1]
         except storage.StorageError as exc:
             rejected.append({"uri": uri, "reason": "unsafe_key", "message": str(exc)})
             continue
@@ -75,7 +77,20 @@ def build_plan(cfg: Config, uris: Sequence[str] | None = None) -> Plan:
         entries.append(Entry(uri, key))
     n = sc.samples_per_shard
     shards = tuple(tuple(entries[i:i + n]) for i in range(0, len(entries), n))
-    return Plan(sc.input, n, fingerprint(cfg), shards, tuple(rejected))
+    return Plan(base, n, fingerprint(cfg), shards, tuple(rejected))
+
+
+def list_images(input_uri: str, limit: int = 0) -> list[str]:
+    """The sorted image listing of a folder / s3:// prefix (IMAGE_SUFFIXES), the first `limit` if > 0."""
+    listing = storage.list_files(input_uri, IMAGE_SUFFIXES)
+    return listing[:limit] if limit > 0 else listing
+
+
+def new_inputs(plan: Plan, listing: Sequence[str]) -> list[str]:
+    """The images of a fresh listing (cut by the same limit) that `plan` does not hold: what a new
+    plan would add. A saved plan is never extended (its shard membership is fixed)."""
+    known = {normalize(e.uri) for s in plan.shards for e in s} | {normalize(r["uri"]) for r in plan.rejected}
+    return [u for u in listing if normalize(u) not in known]
 
 
 def plan_to_json(plan: Plan) -> bytes:
@@ -95,16 +110,18 @@ def plan_from_json(data: bytes | str) -> Plan:
 
 
 def check_rerun(saved: Plan, cfg: Config) -> None:
-    """A rerun must ask for the same input, shard size and byte-deciding settings as the saved plan."""
-    wanted = {"input": cfg.shard.input, "samples_per_shard": cfg.shard.samples_per_shard,
+    """A rerun must ask for the same input (compared in `normalize`d form: a relative path matches the
+    absolute one), shard size and byte-deciding settings as the saved plan; LocationError otherwise."""
+    wanted = {"input": normalize(cfg.shard.input), "samples_per_shard": cfg.shard.samples_per_shard,
               "fingerprint": fingerprint(cfg)}
-    have = {"input": saved.input, "samples_per_shard": saved.samples_per_shard, "fingerprint": saved.fingerprint}
+    have = {"input": normalize(saved.input), "samples_per_shard": saved.samples_per_shard,
+            "fingerprint": saved.fingerprint}
     for name in wanted:
         if json.loads(dumps(wanted[name])) != json.loads(dumps(have[name])):
-            raise ValueError(f"the output already holds a _plan.json with a different {name} "
-                             f"({have[name]!r:.300} vs now {wanted[name]!r:.300}); resume with the same "
-                             "settings, or write to a new --output")
+            raise LocationError(f"the output already holds a _plan.json with a different {name} "
+                                f"({have[name]!r:.300} vs now {wanted[name]!r:.300}); resume with the same "
+                                "settings, or write to a new --output")
 
 
-__all__ = ["Entry", "Plan", "IMAGE_SUFFIXES", "shard_name", "fingerprint", "build_plan", "plan_to_json",
-           "plan_from_json", "check_rerun"]
+__all__ = ["Entry", "Plan", "IMAGE_SUFFIXES", "shard_name", "fingerprint", "build_plan", "list_images", "new_inputs",
+           "plan_to_json", "plan_from_json", "check_rerun"]

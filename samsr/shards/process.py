@@ -55,7 +55,7 @@ def segment_members(dec: Decoded, cfg: Config, segmenter, lrup_segmenter=None) -
     `json` meta with segmenter provenance -> (members, HR label map (H,W) uint16 for previews)."""
     level = cfg.shard.png_compress_level
     hr_records = segmenter.segment(dec.hr)
-    labels, values = structure_from_records(hr_records)
+    labels, values = structure_from_records(hr_records, dec.hr.shape[:2])   # no masks: E ≡ 0
     members = structure_members(hr_records, labels, values, level)
     meta: dict[str, Any] = {**dec.meta, "segmenter": segmenter.provenance(), "hr_masks": len(hr_records)}
     if cfg.shard.lrup_masks:

@@ -16,6 +16,8 @@ from pycocotools import mask as mask_utils
 
 MAX_LABELS = np.iinfo(np.uint16).max   # label 0 is "uncovered", so at most 65535 masks
 JSON_DECIMALS = 6                      # scores are rounded so that the JSON is reproducible
+MAX_MASK_PIXELS = 120_000_000          # bound on an RLE's size when the image's own size is not known
+RLE_MAX_CHARS_PER_COUNT = 7            # 35 bits: any run of a mask within MAX_MASK_PIXELS
 
 
 @dataclass(frozen=True, eq=False)   # eq by identity: an ndarray field makes field-wise == ambiguous
@@ -63,17 +65,67 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:
-    """COCO RLE (counts as str or bytes) -> (H,W) bool."""
+def rle_counts(rle: Mapping[str, Any], shape: tuple[int, int] | None = None,
+               max_pixels: int = MAX_MASK_PIXELS) -> tuple[tuple[int, int], np.ndarray]:
+    """Check a COCO RLE before anything is allocated for it -> ((H, W), run lengths int64).
+
+    `size` must be two non-negative ints, equal to `shape` when given (the image the mask belongs to),
+    else at most `max_pixels` px. The compressed counts string is parsed here (pycocotools' own
+    format: 6-bit chars from '0', 5 value bits + a continuation bit, deltas from the count two back
+    from the fourth on), and its runs must be non-negative and add up to exactly H·W: pycocotools'
+    decoder writes runs without bounds checks, so a crafted string would write past the mask.
+    """
     try:
         size, counts = rle["size"], rle["counts"]
     except (KeyError, TypeError):
         raise ValueError(f"not a COCO RLE dict with 'size' and 'counts': {rle!r:.200}") from None
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in size)):
+        raise ValueError(f"RLE size must be [H, W] with non-negative ints, got {size!r:.100}")
+    h, w = int(size[0]), int(size[1])
+    if shape is not None and (h, w) != (int(shape[0]), int(shape[1])):
+        raise ValueError(f"RLE size [{h}, {w}] is not the image's ({int(shape[0])}, {int(shape[1])})")
+    if h * w > max_pixels:
+        raise ValueError(f"RLE size [{h}, {w}] = {h * w} px is over the limit of {max_pixels} px")
     if isinstance(counts, str):
-        counts = counts.encode("ascii")
+        try:
+            counts = counts.encode("ascii")
+        except UnicodeEncodeError:
+            raise ValueError("RLE counts hold non-ASCII characters; not a COCO compressed RLE") from None
     if not isinstance(counts, bytes):
         raise ValueError(f"RLE counts must be the compressed str/bytes form, got {type(counts).__name__}")
-    return mask_utils.decode({"size": [int(s) for s in size], "counts": counts}).astype(bool)
+    c = np.frombuffer(counts, np.uint8).astype(np.int64) - 48
+    if c.size and (c.min() < 0 or c.max() > 63):
+        raise ValueError("RLE counts hold characters outside the COCO alphabet ('0'..'o')")
+    ends = np.flatnonzero((c & 0x20) == 0)               # the last char of each number
+    if c.size and (not ends.size or ends[-1] != c.size - 1):
+        raise ValueError("RLE counts end inside a number; the string is cut short")
+    starts = np.concatenate(([0], ends[:-1] + 1)).astype(np.int64)
+    lengths = ends - starts + 1
+    if lengths.size and lengths.max() > RLE_MAX_CHARS_PER_COUNT:
+        raise ValueError(f"an RLE count spans {int(lengths.max())} chars; at most {RLE_MAX_CHARS_PER_COUNT} fit a run")
+    shift = 5 * (np.arange(c.size, dtype=np.int64) - np.repeat(starts, lengths))
+    x = np.add.reduceat((c & 0x1F) << shift, starts) if c.size else np.zeros(0, np.int64)
+    negative = (c[ends] & 0x10) != 0 if c.size else np.zeros(0, bool)
+    x = x - np.where(negative, np.int64(1) << (5 * lengths), 0)
+    runs = x.copy()                                       # counts[i] += counts[i - 2] from i = 3 on:
+    runs[1::2] = np.cumsum(x[1::2])                       # odd runs add up from counts[1],
+    runs[2::2] = np.cumsum(x[2::2])                       # even ones from counts[2] (counts[0] stands alone)
+    if runs.size and runs.min() < 0:
+        raise ValueError("RLE counts decode to a negative run; not a valid COCO RLE")
+    if int(runs.sum()) != h * w:
+        raise ValueError(f"RLE runs cover {int(runs.sum())} px, not the {h}x{w} = {h * w} px of its size")
+    return (h, w), runs
+
+
+def rle_decode(rle: Mapping[str, Any], shape: tuple[int, int] | None = None,
+               max_pixels: int = MAX_MASK_PIXELS) -> np.ndarray:
+    """COCO RLE (counts as str or bytes) -> (H,W) bool, checked first by `rle_counts` (size equal to
+    `shape` when given, else at most `max_pixels`; runs that tile the mask exactly)."""
+    (h, w), _ = rle_counts(rle, shape, max_pixels)
+    counts = rle["counts"]
+    counts = counts.encode("ascii") if isinstance(counts, str) else counts
+    return mask_utils.decode({"size": [h, w], "counts": counts}).astype(bool)
 
 
 def _score(value: float | None) -> float:
@@ -112,8 +164,15 @@ def records_to_json(records: Sequence[MaskRecord]) -> list[dict[str, Any]]:
              "area": int(r.area)} for r in records]
 
 
-def records_from_json(items: Sequence[Mapping[str, Any]]) -> list[MaskRecord]:
-    """Inverse of `records_to_json` (order kept as stored)."""
+def records_from_json(items: Sequence[Mapping[str, Any]], shape: tuple[int, int] | None = None,
+                      max_pixels: int = MAX_MASK_PIXELS) -> list[MaskRecord]:
+    """Inverse of `records_to_json` (order kept as stored). Each RLE is checked before it is decoded
+    (`rle_counts`): its size must be `shape` (the image the masks belong to) when given, else at most
+    `max_pixels`; at most MAX_LABELS records."""
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"mask records must be a JSON list, got {type(items).__name__}")
+    if len(items) > MAX_LABELS:
+        raise ValueError(f"{len(items)} mask records, more than a label map holds ({MAX_LABELS})")
     out = []
     for i, item in enumerate(items):
         try:
@@ -122,11 +181,18 @@ def records_from_json(items: Sequence[Mapping[str, Any]]) -> list[MaskRecord]:
         except KeyError as err:
             raise ValueError(f"mask record {i} lacks the field {err.args[0]!r}; "
                              "expected segmentation, predicted_iou, stability_score, bbox, area") from None
-        if len(bbox) != 4:
-            raise ValueError(f"mask record {i}: bbox must be [x, y, w, h], got {bbox!r}")
-        out.append(MaskRecord(segmentation=rle_decode(seg), predicted_iou=None if iou is None else float(iou),
-                              stability_score=None if stab is None else float(stab),
-                              bbox=tuple(int(v) for v in bbox), area=int(area)))
+        except TypeError:
+            raise ValueError(f"mask record {i} is a {type(item).__name__}, not an object") from None
+        try:
+            if len(bbox) != 4:
+                raise ValueError(f"bbox must be [x, y, w, h], got {bbox!r:.100}")
+            record = MaskRecord(segmentation=rle_decode(seg, shape, max_pixels),
+                                predicted_iou=None if iou is None else float(iou),
+                                stability_score=None if stab is None else float(stab),
+                                bbox=tuple(int(v) for v in bbox), area=int(area))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"mask record {i}: {err}") from None
+        out.append(record)
     return out
 
 
@@ -172,5 +238,5 @@ def coverage(masks: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
     return np.minimum(count, 255).astype(np.uint8)
 
 
-__all__ = ["MaskRecord", "MAX_LABELS", "bbox_of", "record_from_mask", "rle_encode", "rle_decode",
-           "order_records", "records_to_json", "records_from_json", "label_map", "coverage"]
+__all__ = ["MaskRecord", "MAX_LABELS", "MAX_MASK_PIXELS", "bbox_of", "record_from_mask", "rle_encode", "rle_counts",
+           "rle_decode", "order_records", "records_to_json", "records_from_json", "label_map", "coverage"]

@@ -51,6 +51,13 @@ GENERATOR_FIELDS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "s
                     "stability_score_offset", "box_nms_thresh", "crop_n_layers", "min_mask_region_area")
 
 
+# What the tiny presets (samsr/configs/*-tiny.yaml) give the tiny random SAM: its random weights score
+# every mask low, so SAM's default thresholds (pred_iou 0.88, stability 0.95) keep none on any photo.
+# `samsr shard --segmenter tiny-sam` applies these too (explicit --set values still win).
+TINY_SAM_SETTINGS: dict[str, Any] = {"tiny_image_size": 256, "points_per_side": 8, "points_per_batch": 64,
+                                     "pred_iou_thresh": -1.0, "stability_score_thresh": 0.0, "box_nms_thresh": 0.99}
+
+
 def generator_settings(cfg: SegmenterConfig | None = None, **changes: Any) -> dict[str, Any]:
     """Generator arguments of `cfg` (default: SegmenterConfig()) with `changes` applied; unknown names are errors."""
     unknown = sorted(set(changes) - set(GENERATOR_FIELDS))
@@ -265,6 +272,6 @@ def build_segmenter(cfg: SegmenterConfig) -> Segmenter:
     return FACTORIES[cfg.kind](cfg)
 
 
-__all__ = ["Segmenter", "SegmenterError", "GENERATOR_FIELDS", "generator_settings", "BUILDERS", "SamSegmenter",
-           "TinySamSegmenter", "SuperpixelSegmenter", "build_tiny_sam", "build_segmenter", "resolve_device",
+__all__ = ["Segmenter", "SegmenterError", "GENERATOR_FIELDS", "TINY_SAM_SETTINGS", "generator_settings", "BUILDERS",
+           "SamSegmenter", "TinySamSegmenter", "SuperpixelSegmenter", "build_tiny_sam", "build_segmenter", "resolve_device",
            "file_sha256", "state_dict_sha256"]
