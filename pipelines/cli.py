@@ -10,6 +10,7 @@ import json
 import sys
 from typing import Sequence
 
+from pipelines.rayenv import ResourceUnavailable
 from samsr import config as config_mod
 from samsr.locations import EXIT_USAGE, LocationError
 
@@ -26,7 +27,9 @@ def _add_model_job_args(p: argparse.ArgumentParser) -> None:
     from pipelines.rayenv import add_model_set
 
     p.add_argument("--actors", type=int, default=None, help="model actor pool size (default 1)")
-    p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor when the cluster has GPUs (default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPUs per actor (default 0: CPU); > 0 asks the cluster for them and fails if they do not "
+                        "appear within gpu_wait_s")
     p.add_argument("--tile", type=int, default=None,
                    help="LR tile side in px (default: the model's infer.tile; 0 = auto: one pass up to "
                         "infer.auto_tile px a side, tiles of that side above)")
@@ -213,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "storage on a multi-node cluster)")
     p.add_argument("--name", default=None, help="run name (default: the config's); same name + storage resumes")
     p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default 1)")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--use-gpu", action="store_true",
+                   help="one GPU per worker, asked of the cluster; fails if they do not appear within job.gpu_wait_s")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default samsr)")
     p.add_argument("--tracking-uri", default=None, help="MLflow server (default $MLFLOW_TRACKING_URI)")
     p.add_argument("--iterations", type=int, default=None, help="training steps (default: the config's)")
@@ -284,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         print(f"samsr: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, LocationError) as exc:   # missing model/input/bucket, overlap: one line, where we looked
+    except (FileNotFoundError, LocationError, ResourceUnavailable) as exc:   # refused before any work: one line
         print(f"samsr {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

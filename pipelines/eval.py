@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipelines.rayenv import ensure_ray, entrypoint_parser, run_entrypoint
+from pipelines.rayenv import ensure_ray, entrypoint_parser, require_gpus, run_entrypoint
 from pipelines.upscale import check_model_overrides
 from samsr import config as config_mod
 from samsr import evaluation, images, locations, redact, storage
@@ -208,7 +208,7 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
         return {"set": name, **counts(rows), "summary": {}, "seconds": time.perf_counter() - t0, "images_per_s": 0.0}
     if items:
         ensure_ray()
-        gpus = ec.gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        require_gpus("samsr eval", ec.gpus_per_actor, ec.actors, "--gpus-per-actor 0", ec.gpu_wait_s)
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
         hr_and_lr = cfg.data.max_pixels + cfg.data.max_pixels // cfg.data.scale ** 2
         ds = ds.map(decode_row, fn_kwargs={"max_pixels": cfg.data.max_pixels}, num_cpus=0.5,
@@ -219,7 +219,7 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
                                 "crop": ec.crop, "lpips_weights": ec.lpips_weights,
                                 "threads": int(ec.cpus_per_actor)},
                             batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=ec.actors),
-                            num_cpus=ec.cpus_per_actor, num_gpus=gpus or None)
+                            num_cpus=ec.cpus_per_actor, num_gpus=ec.gpus_per_actor or None)
         for row in ds.iter_rows():
             row = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
             rows.append({**{k: v for k, v in row.items() if k != "scores"}, **json.loads(row["scores"])})

@@ -12,6 +12,7 @@ ran — Ray workers inherit the raylet's environment (`samsr local up` starts it
 from __future__ import annotations
 
 import os
+import time
 
 from samsr.redact import strip_userinfo
 
@@ -49,6 +50,37 @@ def ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": worker_env()})
 
 
+class ResourceUnavailable(RuntimeError):
+    """The job asked the cluster for GPUs that it does not have and did not get within the wait."""
+
+
+def require_gpus(job: str, per_unit: float, units: int, zero: str, wait_s: float, poll_s: float = 2.0) -> None:
+    """GPUs mean what the settings say: with `per_unit` > 0 the job needs `units` × `per_unit` GPUs. They
+    are asked of the cluster's autoscaler (`request_resources`, so a GPU group at zero replicas scales up)
+    and waited for up to `wait_s`; if the cluster still has fewer, ResourceUnavailable names what was asked,
+    what is there and how to run on CPU (`zero`, e.g. "--gpus-per-actor 0"). Nothing is probed and nothing
+    falls back to CPU on its own. `per_unit` = 0 returns at once (CPU)."""
+    import ray
+
+    if per_unit <= 0:
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    need = per_unit * units
+    request_resources(bundles=[{"GPU": per_unit}] * units)
+    deadline = time.monotonic() + wait_s
+    try:
+        while (have := ray.cluster_resources().get("GPU", 0.0)) < need:
+            if time.monotonic() >= deadline:
+                raise ResourceUnavailable(
+                    f"{job} asks for {need:g} GPU(s) ({units} × {per_unit:g}) but the Ray cluster has {have:g} after "
+                    f"{wait_s:g} s of waiting (its autoscaler, if any, was asked for them): add a GPU worker group, "
+                    f"raise the wait (gpu_wait_s), or pass {zero} to run on CPU")
+            time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
+    finally:
+        request_resources(bundles=[])          # the actors themselves hold the GPUs from here on
+
+
 def add_model_set(p) -> None:
     """`--model-set KEY=VALUE` (repeatable): overrides of a model's own infer.* / segmenter.* settings."""
     p.add_argument("--model-set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -58,7 +90,8 @@ def add_model_set(p) -> None:
 
 def run_entrypoint(module: str, fn) -> int:
     """Run a `python -m pipelines.<job>` entrypoint's work, `fn() -> exit code`. A refusal before any work
-    (a bad setting, a missing or overlapping location, a missing model) is one line on stderr and exit 2,
+    (a bad setting, a missing or overlapping location, a missing model, GPUs the cluster does not
+    provide in time) is one line on stderr and exit 2,
     as in the `samsr` CLI (samsr.locations: exit codes)."""
     import sys
 
@@ -67,7 +100,7 @@ def run_entrypoint(module: str, fn) -> int:
 
     try:
         return fn()
-    except (ConfigError, LocationError, FileNotFoundError) as exc:
+    except (ConfigError, LocationError, FileNotFoundError, ResourceUnavailable) as exc:
         print(f"python -m {module}: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipelines import shard_resume as resume
-from pipelines.rayenv import ensure_ray, entrypoint_parser, run_entrypoint
+from pipelines.rayenv import ensure_ray, entrypoint_parser, require_gpus, run_entrypoint
 from samsr import config as config_mod
 from samsr import images, locations, redact, storage
 from samsr.config import Config
@@ -247,13 +247,13 @@ def _stream(cfg: Config, plan: plan_mod.Plan, todo: list[int], writer: ShardWrit
     items = [{"uri": e.uri, "key": e.key, "shard": sid, "index": i}
              for sid in todo for i, e in enumerate(plan.shards[sid])]
     cfg_dict = config_mod.to_dict(cfg)
-    gpus = sc.gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    require_gpus("samsr shard", sc.gpus_per_actor, sc.actors, "--gpus-per-actor 0", sc.gpu_wait_s)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), math.ceil(len(items) / sc.batch_size), 10_000)))
     # `memory` (a decode holds a few copies of a 2K image) also keeps Ray from fusing decode into the actors
     ds = ds.map(decode_row, fn_kwargs={"cfg_dict": cfg_dict}, num_cpus=0.5, memory=memory)
     ds = ds.map_batches(SegmentActor, fn_constructor_kwargs={"cfg_dict": cfg_dict}, batch_size=sc.batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=sc.actors),
-                        num_cpus=sc.cpus_per_actor, num_gpus=gpus or None)
+                        num_cpus=sc.cpus_per_actor, num_gpus=sc.gpus_per_actor or None)
     for row in ds.iter_rows():
         writer.add(row)
     if writer.pending:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipelines import validation
-from pipelines.rayenv import ensure_ray, entrypoint_parser, run_entrypoint
+from pipelines.rayenv import ensure_ray, entrypoint_parser, require_gpus, run_entrypoint
 from pipelines.tracking import Tracker, check_tracking_reachable, tracking_uri
 from samsr import config as config_mod
 from samsr import images, storage
@@ -334,6 +334,7 @@ def run(cfg: Config, *, fail_after_steps: int = 0, echo: Callable[[str], None] =
     data = plan_data(cfg)                   # before any worker starts: a rank without samples is refused here
     path, fs = storage_target(cfg.job.storage)
     ensure_ray()
+    require_gpus("samsr train", 1.0 if cfg.job.use_gpu else 0.0, cfg.job.num_workers, "no --use-gpu", cfg.job.gpu_wait_s)
     trainer = TorchTrainer(
         functools.partial(train_loop, tracking=tracking_uri(cfg)),
         train_loop_config={"cfg": redact_config(cfg), "fail_after_steps": fail_after_steps, "data": data},

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipelines.rayenv import ensure_ray, entrypoint_parser, run_entrypoint
+from pipelines.rayenv import ensure_ray, entrypoint_parser, require_gpus, run_entrypoint
 from samsr import config as config_mod
 from samsr import images, locations, storage
 from samsr.config import Config, DataConfig
@@ -208,7 +208,7 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
         return summarize(rows, time.perf_counter() - t0)
     if items:
         ensure_ray()
-        gpus = uc.gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        require_gpus("samsr upscale", uc.gpus_per_actor, uc.actors, "--gpus-per-actor 0", uc.gpu_wait_s)
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
         ds = ds.map(decode_row, fn_kwargs={"max_pixels": cfg.data.max_pixels, "scale": cfg.data.scale},
                     num_cpus=0.5, memory=images.decode_memory(lr_pixel_limit(cfg.data)))
@@ -217,7 +217,7 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
                                 "tracking_uri": uc.tracking_uri, "level": uc.png_compress_level,
                                 "threads": int(uc.cpus_per_actor), "max_pixels": cfg.data.max_pixels},
                             batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=uc.actors),
-                            num_cpus=uc.cpus_per_actor, num_gpus=gpus or None)
+                            num_cpus=uc.cpus_per_actor, num_gpus=uc.gpus_per_actor or None)
         for row in ds.iter_rows():
             rows.append({k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items() if k != "lr_raw"})
     rows.sort(key=lambda r: r["input"])

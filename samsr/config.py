@@ -131,7 +131,8 @@ class ShardConfig:
     output: str = ""                    # folder or s3:// prefix for the .tar shards
     samples_per_shard: int = 64
     actors: int = 1                     # segmenter actor pool size
-    gpus_per_actor: float = 1.0         # used only when the cluster has GPUs
+    gpus_per_actor: float = 0.0         # > 0: asked of the cluster (autoscaler), waited for gpu_wait_s; 0: CPU
+    gpu_wait_s: float = 600.0           # how long to wait for the GPUs to appear before failing
     cpus_per_actor: float = 1.0
     batch_size: int = 4                 # images per segmenter call batch
     lrup_masks: bool = True             # also segment y↑ (SAMSR); off when only SAM-DiffSR is trained
@@ -147,7 +148,8 @@ class JobConfig:
     storage: str = ""                   # Ray Train storage (checkpoints): folder or s3:// prefix
     name: str = ""                      # run name; "" = the config's name. Same name + storage resumes
     num_workers: int = 1
-    use_gpu: bool = False
+    use_gpu: bool = False               # one GPU per worker, asked of the cluster and waited for gpu_wait_s
+    gpu_wait_s: float = 600.0
     cpus_per_worker: float = 1.0
     max_failures: int = 0               # worker-group restarts from the latest checkpoint
     keep_checkpoints: int = 3
@@ -170,7 +172,8 @@ class UpscaleConfig:
     tracking_uri: str = ""              # MLflow server for runs:/ models; "" = $MLFLOW_TRACKING_URI
     overwrite: bool = False             # default: outputs that exist are skipped
     actors: int = 1                     # model actor pool size
-    gpus_per_actor: float = 1.0         # used only when the cluster has GPUs
+    gpus_per_actor: float = 0.0         # > 0: asked of the cluster (autoscaler), waited for gpu_wait_s; 0: CPU
+    gpu_wait_s: float = 600.0
     cpus_per_actor: float = 1.0
     limit: int = 0                      # only the first N inputs of the sorted listing (0 = all)
     png_compress_level: int = 1
@@ -191,7 +194,8 @@ class EvalConfig:
     tracking_uri: str = ""              # MLflow server; "" = $MLFLOW_TRACKING_URI (none: results not logged)
     experiment: str = "samsr-eval"      # MLflow experiment of the run made for a model that is not runs:/…
     actors: int = 1                     # model actor pool size
-    gpus_per_actor: float = 1.0         # used only when the cluster has GPUs
+    gpus_per_actor: float = 0.0         # > 0: asked of the cluster (autoscaler), waited for gpu_wait_s; 0: CPU
+    gpu_wait_s: float = 600.0
     cpus_per_actor: float = 1.0
     limit: int = 0                      # only the first N HR images of the sorted listing (0 = all)
 

@@ -266,6 +266,18 @@ def test_samdiffsr_two_stages_with_shards_and_checkpoints_on_s3(ray_local, mlflo
     assert out["metrics"]["replica_param_spread"] == 0.0
 
 
+def test_use_gpu_on_a_cpu_only_cluster_is_refused_before_training(ray_local, shards, tmp_path, capsys):
+    from pipelines import train
+
+    capsys.readouterr()
+    rc = train.main(["--config", "samsr-teacher-tiny", "--set", f"job.shards={shards}", "--set",
+                     f"job.storage={tmp_path / 'runs'}", "--set", "job.use_gpu=true", "--set", "job.num_workers=2",
+                     "--set", "job.gpu_wait_s=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "samsr train asks for 2 GPU(s) (2 × 1)" in err[0] and "no --use-gpu" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_cli_flags_map_to_config_overrides_and_bad_splits_are_refused():
     from pipelines import cli, train
     from pipelines.tracking import redact_uri, run_params
