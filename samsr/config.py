@@ -124,6 +124,11 @@ class InferConfig:
     seed: int = 0
 
 
+# (field, least value, strictly above it) for the job sections' Ray resource settings
+RESOURCE_LIMITS = (("actors", 1, False), ("num_workers", 1, False), ("gpus_per_actor", 0, False),
+                   ("gpu_wait_s", 0, False), ("cpus_per_actor", 0, True), ("cpus_per_worker", 0, True))
+
+
 @dataclass(frozen=True)
 class ShardConfig:
     """The shard job (`samsr shard`, DESIGN.md "Shard format")."""
@@ -224,6 +229,11 @@ class Config:
             raise ConfigError(f"segmenter.kind: {self.segmenter.kind!r} is not one of {', '.join(SEGMENTERS)}")
         if self.data.scale < 1 or self.data.hr_crop % self.data.scale:
             raise ConfigError(f"data.hr_crop={self.data.hr_crop} must be a multiple of data.scale={self.data.scale}")
+        for section in ("shard", "job", "upscale", "eval"):      # Ray resources: rejected here, not by Ray mid-job
+            for name, least, strict in RESOURCE_LIMITS:
+                value = getattr(getattr(self, section), name, None)
+                if value is not None and (value <= least if strict else value < least):
+                    raise ConfigError(f"{section}.{name}={value} must be {'>' if strict else '>='} {least}")
 
 
 def presets() -> list[str]:

@@ -60,3 +60,15 @@ def test_upscale_with_gpus_on_a_cpu_only_cluster_is_refused_in_one_line(ray_loca
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "asks for 1 GPU(s)" in err[0] and "--gpus-per-actor 0" in err[0]
     assert not (tmp_path / "out").exists()                     # nothing ran on CPU instead
+
+
+@pytest.mark.parametrize("key, message", [
+    ("shard.gpus_per_actor=-1", "shard.gpus_per_actor=-1.0 must be >= 0"),
+    ("upscale.actors=0", "upscale.actors=0 must be >= 1"),
+    ("eval.cpus_per_actor=0", "eval.cpus_per_actor=0.0 must be > 0"),
+    ("job.gpu_wait_s=-5", "job.gpu_wait_s=-5.0 must be >= 0"),
+    ("job.num_workers=0", "job.num_workers=0 must be >= 1"),
+])
+def test_impossible_resource_settings_are_rejected_by_name(key, message):
+    with pytest.raises(config.ConfigError, match=message.replace(".", r"\.")):
+        config.load("samsr-teacher-tiny", [key])
