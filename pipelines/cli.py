@@ -1,16 +1,20 @@
 """The `samsr` console script: argparse subcommands over pipelines/ and samsr/.
 
 Each subcommand maps straight onto one `run()`; `--config` takes a preset name or a YAML file and
-`--set key.path=value` overrides (repeatable).
+`--set key.path=value` overrides (repeatable). `--log-level` configures logging (pipelines.rayenv
+`configure_logging`), `--version` prints the installed package's version; the help texts (a
+description and examples per subcommand) are in pipelines/cli_help.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from importlib import metadata
 from typing import Sequence
 
-from pipelines.rayenv import ResourceUnavailable
+from pipelines import cli_help
+from pipelines.rayenv import ResourceUnavailable, add_log_level, configure_logging
 from samsr import config as config_mod
 from samsr.locations import EXIT_USAGE, LocationError
 
@@ -42,7 +46,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines import demo
 
     demo.run(method=args.method, out_dir=args.out, overrides=args.overrides, iterations=args.iterations,
-             seed=args.seed, preset=args.preset, samples=args.samples, eval_crop=args.eval_crop)
+             seed=args.seed, preset=args.preset, samples=args.samples, eval_crop=args.eval_crop,
+             progress=False if args.no_progress else None)
     return 0
 
 
@@ -92,7 +97,9 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pipelines import train
 
-    train.run(config_mod.load(args.config, train_overrides(args)))
+    out = train.run(config_mod.load(args.config, train_overrides(args)))
+    if out.get("mlflow_run_id"):        # last line: what `samsr eval/upscale --model` takes
+        print(f"samsr train: model runs:/{out['mlflow_run_id']}/model", flush=True)
     return 0
 
 
@@ -142,8 +149,13 @@ def _cmd_local(args: argparse.Namespace) -> int:
 
     if args.action == "up":
         state = local.up(args.dir)
-        print(f"S3 {state['s3']}\nMLflow {state['mlflow']}\nRay dashboard {state['ray_dashboard']} "
-              f"(address {state['ray_address']}, token in {args.dir}/{local.TOKEN})")
+        photos = local.add_sample_photos(state)
+        print(f"S3 {state['s3']} (bucket s3://{local.BUCKET}, sample photos in {photos}/)\nMLflow {state['mlflow']}\n"
+              f"Ray dashboard {state['ray_dashboard']} (address {state['ray_address']}, token in "
+              f"{args.dir}/{local.TOKEN})\npoint a shell at it: eval \"$(samsr local env --dir {args.dir})\"")
+        return 0
+    if args.action == "env":
+        print(local.shell_exports(args.dir))
         return 0
     if args.action == "down":
         print("stopped" if local.down(args.dir) else f"no local stack recorded in {args.dir}")
@@ -165,11 +177,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samsr", description="Semantic-guided diffusion super-resolution at cluster scale.")
+    parser = argparse.ArgumentParser(prog="samsr", description=cli_help.MAIN_DESCRIPTION,
+                                     epilog=cli_help.examples(cli_help.MAIN_EXAMPLES),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    add_log_level(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="train on bundled photos in a plain loop (no Ray) and score held-out photos "
-                                    "against bicubic")
+    p = cli_help.add_command(sub, "demo")
     p.add_argument("--method", choices=("samdiffsr", "samsr"), default="samdiffsr",
                    help="SAM-DiffSR (100-step sampler) or SAMSR (one-step student distilled from a ResShift teacher)")
     p.add_argument("--preset", choices=("cpu", "tiny"), default="cpu",
@@ -182,9 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, crops, noise and sampling")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of the preset, e.g. --set segmenter.kind=superpixel")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (default: shown on stderr when it is a terminal)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("shard", help="precompute SAM masks: images (folder | s3://) -> WebDataset shards (Ray Data)")
+    p = cli_help.add_command(sub, "shard")
     _add_config_args(p, default="samdiffsr")
     p.add_argument("--input", required=True, help="folder or s3://bucket/prefix of images (listed recursively)")
     p.add_argument("--output", default="", help="folder or s3://bucket/prefix for shards; rerun to resume")
@@ -209,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "wall time and GPU-hours; writes nothing")
     p.set_defaults(func=_cmd_shard)
 
-    p = sub.add_parser("train", help="train on shards with Ray Train (DDP), logging to MLflow; rerun to resume")
+    p = cli_help.add_command(sub, "train")
     _add_config_args(p, default="samdiffsr")
     p.add_argument("--shards", default=None, help="folder or s3:// prefix that `samsr shard` wrote")
     p.add_argument("--storage", default=None, help="folder or s3:// prefix for Ray Train checkpoints (shared "
@@ -226,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: hold out the first job.val_images samples of the last shard")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("upscale", help="super-resolve a folder or s3:// prefix into another (Ray Data, model actors)")
+    p = cli_help.add_command(sub, "upscale")
     _add_config_args(p, default="samdiffsr")
     p.add_argument("--model", required=True,
                    help="samsr checkpoint (path or s3:// URI) or MLflow model (runs:/<run_id>/model, models:/...)")
@@ -236,8 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_job_args(p)
     p.set_defaults(func=_cmd_upscale)
 
-    p = sub.add_parser("eval", help="score a model against bicubic on HR images (PSNR/SSIM on Y, HaarPSI, GMSD, "
-                                    "LPIPS with weights) and log the result to MLflow")
+    p = cli_help.add_command(sub, "eval")
     _add_config_args(p, default="samdiffsr")
     p.add_argument("--model", required=True,
                    help="samsr checkpoint (path or s3:// URI) or MLflow model (runs:/<run_id>/model, models:/NAME@ALIAS)")
@@ -255,8 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_job_args(p)
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("quickstart", help="start a local S3/MLflow/Ray stack, then shard -> train -> upscale "
-                                          "bundled photos end to end and score the result")
+    p = cli_help.add_command(sub, "quickstart")
     p.add_argument("--workdir", default="samsr-quickstart", help="folder for the stack's logs and metrics.json")
     p.add_argument("--keep", action="store_true", help="leave the local stack running (browse the MLflow UI)")
     p.add_argument("--preset", default=None, help="SAM-DiffSR preset to train (default: the quickstart's)")
@@ -267,22 +282,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean-of-samples scores)")
     p.set_defaults(func=_cmd_quickstart)
 
-    p = sub.add_parser("local", help="a development stack on 127.0.0.1: S3 (moto), MLflow and a token-auth Ray head")
-    p.add_argument("action", choices=("up", "down", "status"))
+    p = cli_help.add_command(sub, "local")
+    p.add_argument("action", choices=("up", "env", "status", "down"),
+                   help="up: start (or find) the stack; env: print export lines for a shell; status; down: stop")
     p.add_argument("--dir", default=".samsr-local", help="where the stack keeps its state, logs and data")
     p.set_defaults(func=_cmd_local)
 
-    p = sub.add_parser("presets", help="list the config presets shipped with the package")
+    p = cli_help.add_command(sub, "presets")
     p.set_defaults(func=_cmd_presets)
 
-    p = sub.add_parser("config", help="print a resolved config (preset or file + overrides) as YAML")
+    p = cli_help.add_command(sub, "config")
     _add_config_args(p, default="samdiffsr-tiny")
     p.set_defaults(func=_cmd_config)
+    for p in sub.choices.values():          # `--log-level` after the subcommand as well as before it
+        add_log_level(p, default=argparse.SUPPRESS)
     return parser
 
 
+def version() -> str:
+    """The installed package's version (its metadata), or "unknown" when samsr runs uninstalled."""
+    try:
+        return metadata.version("samsr")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        configure_logging(args.log_level)
+    except argparse.ArgumentTypeError as exc:      # a bad $SAMSR_LOG_LEVEL
+        parser.error(f"$SAMSR_LOG_LEVEL: {exc}")
     try:
         return args.func(args)
     except config_mod.ConfigError as exc:

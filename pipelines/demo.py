@@ -8,6 +8,7 @@ tiny` is a quick smoke run. Photos and split: pipelines/photos.py (`split="final
 score HELD_OUT; `"tune"`: train on TUNE_TRAIN, score TUNE_VAL — where recipes are chosen).
 Writes `<photo>.png` side-by-sides (bicubic | models | HR), `metrics.json` and the trained models as samsr
 checkpoints (`samdiffsr.pt`, `samsr-teacher.pt`, `samsr-student.pt`: `samsr eval/upscale --model`) under `out_dir`.
+Progress (segmenting, training steps, scoring) shows as tqdm bars on stderr when it is a terminal.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from samsr.checkpoint import save_checkpoint
 from samsr.data import lr_upsampled, prepare_sample
 from samsr.ema import make_ema
 from samsr.infer import upscale_array
-from samsr.loop import pretrain_rrdb, train
+from samsr.loop import pretrain_rrdb, progress_bar, train
 from samsr.structure.segmenters import build_segmenter
 
 PRESETS = {"samdiffsr": ("samdiffsr",), "samsr": ("samsr-teacher", "samsr-student")}
@@ -69,8 +70,9 @@ class RRDBOnly(torch.nn.Module):
 
 
 def train_models(method: str, samples, cfgs: Sequence[config_mod.Config], seed: int, iterations: int | None,
-                 echo: Callable[[str], None] = print) -> dict[str, torch.nn.Module]:
-    """Train the method in the plain loop; returns {label: model to sample (EMA weights when on)}."""
+                 echo: Callable[[str], None] = print, progress: bool | None = False) -> dict[str, torch.nn.Module]:
+    """Train the method in the plain loop; returns {label: model to sample (EMA weights when on)}.
+    `progress`: tqdm bars of the steps (None: when stderr is a terminal)."""
     from samsr.diffusion.samdiffsr import SamDiffSR
     from samsr.diffusion.samsr import ResShiftTeacher, SamsrStudent
 
@@ -78,26 +80,27 @@ def train_models(method: str, samples, cfgs: Sequence[config_mod.Config], seed: 
     torch.manual_seed(seed)   # network initialisation; batches and noise draw from their own seeded generators
     if method == "samdiffsr":
         model = SamDiffSR.from_config(cfg)
-        pretrain_rrdb(model.rrdb, samples, cfg, seed, log=_printer("rrdb", echo))
+        pretrain_rrdb(model.rrdb, samples, cfg, seed, log=_printer("rrdb", echo), progress=progress)
         ema = make_ema(model, cfg.train.ema_decay)
-        train(model, samples, cfg, seed, iterations, log=_printer("diffusion", echo), ema=ema)
+        train(model, samples, cfg, seed, iterations, log=_printer("diffusion", echo), ema=ema, progress=progress)
         final = ema.module if ema else model
         return {"RRDB": RRDBOnly(final.rrdb, cfg.data.scale), "SAM-DiffSR": final}
     teacher = ResShiftTeacher.from_config(cfg)
     ema = make_ema(teacher, cfg.train.ema_decay)
-    train(teacher, samples, cfg, seed, iterations, log=_printer("teacher", echo), ema=ema)
+    train(teacher, samples, cfg, seed, iterations, log=_printer("teacher", echo), ema=ema, progress=progress)
     teacher = ema.module if ema else teacher
     student = SamsrStudent.from_teacher(teacher, cfgs[1])
     sema = make_ema(student, cfgs[1].train.ema_decay)
-    train(student, samples, cfgs[1], seed, iterations, log=_printer("student", echo), ema=sema)
+    train(student, samples, cfgs[1], seed, iterations, log=_printer("student", echo), ema=sema, progress=progress)
     return {"teacher (15 steps)": teacher, "SAMSR (1 step)": sema.module if sema else student}
 
 
 def run(method: str = "samdiffsr", out_dir: str | Path = "demo-output", overrides: Sequence[str] = (),
         iterations: int | None = None, seed: int = 0, *, preset: str = "cpu", samples: int = 1,
         split: str = "final", student_overrides: Sequence[str] = (), eval_crop: int = 0,
-        echo: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
-    """Train on bundled photos, score the held-out ones against bicubic. Returns what metrics.json holds."""
+        echo: Callable[[str], None] = lambda s: print(s, flush=True), progress: bool | None = None) -> dict:
+    """Train on bundled photos, score the held-out ones against bicubic. Returns what metrics.json holds.
+    `progress`: tqdm bars on stderr — None (default): when stderr is a terminal; True; False."""
     if method not in PRESETS:
         raise ValueError(f"demo method {method!r}: choose 'samdiffsr' or 'samsr'")
     if preset not in ("cpu", "tiny") or split not in SPLITS:
@@ -115,9 +118,13 @@ def run(method: str = "samdiffsr", out_dir: str | Path = "demo-output", override
     segmenter = build_segmenter(cfg.segmenter)
     echo(f"segmenter: {segmenter.id}" + ("" if segmenter.is_sam else "  (fallback, not SAM)"))
     soft = cfg.resshift.soft_masks
-    data = [prepare_sample(n, bundled_photo(n), scale, segmenter, soft_masks=soft) for n in train_names]
+    with progress_bar(len(train_names), "segment", progress, unit="photo") as bar:
+        data = []
+        for n in train_names:
+            data.append(prepare_sample(n, bundled_photo(n), scale, segmenter, soft_masks=soft))
+            bar.update(1)
     echo(f"data: {len(data)} training photos ({', '.join(train_names)}) segmented in {time.perf_counter() - t0:.0f}s")
-    models = train_models(method, data, cfgs, seed, iterations, echo)
+    models = train_models(method, data, cfgs, seed, iterations, echo, progress)
     train_seconds = time.perf_counter() - t0
     echo(f"trained in {train_seconds:.0f}s ({train_seconds / 60:.1f} min, data included); scoring "
          f"{', '.join(eval_names)} (seeds {seed}..{seed + samples - 1})")
@@ -133,17 +140,23 @@ def run(method: str = "samdiffsr", out_dir: str | Path = "demo-output", override
     for label, model in models.items():
         n = 1 if isinstance(model, RRDBOnly) else samples
         seg = segmenter if getattr(model, "needs_sam", False) else None
-        rows = [evaluation.evaluate_image(model, hr, lr, cfg.infer, samples=n, seed=seed, segmenter=seg, soft=soft)
-                for hr, lr in pairs.values()]
+        with progress_bar(len(pairs), f"score {label}", progress, unit="photo") as bar:
+            rows = []
+            for hr, lr in pairs.values():
+                rows.append(evaluation.evaluate_image(model, hr, lr, cfg.infer, samples=n, seed=seed, segmenter=seg,
+                                                      soft=soft))
+                bar.update(1)
         summary = evaluation.summarize(rows)
         echo(f"\n{label}:\n{evaluation.format_rows(rows, list(pairs))}\n{evaluation.format_summary(summary, n)}")
         results["models"][label] = {"summary": summary, "rows": dict(zip(pairs, rows))}
-    for name, (hr, lr) in pairs.items():
-        panels = [("bicubic", lr_upsampled(lr, scale))]
-        for label, model in models.items():
-            seg = segmenter if getattr(model, "needs_sam", False) else None
-            panels.append((label, upscale_array(model, lr, cfg.infer, segmenter=seg, soft=soft, seed=seed)))
-        side_by_side([*panels, ("HR", hr)]).save(out / f"{name}.png")
+    with progress_bar(len(pairs), "side-by-sides", progress, unit="photo") as bar:
+        for name, (hr, lr) in pairs.items():
+            panels = [("bicubic", lr_upsampled(lr, scale))]
+            for label, model in models.items():
+                seg = segmenter if getattr(model, "needs_sam", False) else None
+                panels.append((label, upscale_array(model, lr, cfg.infer, segmenter=seg, soft=soft, seed=seed)))
+            side_by_side([*panels, ("HR", hr)]).save(out / f"{name}.png")
+            bar.update(1)
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     echo(f"\nwrote {len(pairs)} side-by-sides and metrics.json to {out} in {time.perf_counter() - t0:.0f}s")
     return results

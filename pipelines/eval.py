@@ -250,10 +250,8 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
 
 def counts(rows: Sequence[dict]) -> dict[str, int]:
     """Score rows -> ok, failed = known_bad (unusable inputs, recorded) + failed_good (errors a rerun retries)."""
-    ok = sum(r["status"] == "ok" for r in rows)
-    known_bad = sum(r["status"] == "failed" and r["reason"] in KNOWN_BAD for r in rows)
-    return {"ok": ok, "failed": len(rows) - ok, "inputs": len(rows), "known_bad": known_bad,
-            "failed_good": len(rows) - ok - known_bad}
+    return {"ok": sum(r["status"] == "ok" for r in rows), "inputs": len(rows),
+            **locations.failure_counts(rows, KNOWN_BAD)}
 
 
 def exit_code(result: dict[str, Any]) -> int:

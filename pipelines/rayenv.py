@@ -8,9 +8,14 @@ hold no secret (`WORKER_ENV`), not "everything but the secrets". Workers get the
 the cluster gives them to every process on a node: an instance profile / IRSA / a Kubernetes secret as
 env on the pods (AWS_*, MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), or env on the node where `ray start`
 ran — Ray workers inherit the raylet's environment (`samsr local up` starts its head that way).
+
+Also the command-line plumbing every job shares: `--log-level` and `configure_logging` (the `samsr` CLI
+and the `python -m pipelines.<job>` entrypoints), the entrypoints' parser and their exit codes.
 """
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import time
 
@@ -88,6 +93,58 @@ def add_model_set(p) -> None:
                         "segmenter.checkpoint=s3://…")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_LOG_LEVEL = "INFO"
+OWN_LOGGERS = ("samsr", "pipelines")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_configured_level: str | None = None
+
+
+def log_level(value: str) -> str:
+    """argparse type of `--log-level`: a level name in any case -> its upper-case name; anything else is
+    refused with the names to choose from."""
+    name = str(value).strip().upper()
+    if name not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a log level; choose one of {', '.join(LOG_LEVELS)}")
+    return name
+
+
+def default_log_level() -> str:
+    """$SAMSR_LOG_LEVEL, else INFO: samsr's own INFO lines are the progress a person waits for (the shard
+    job's summary per interval, downloads), and there are few of them."""
+    return os.environ.get("SAMSR_LOG_LEVEL") or DEFAULT_LOG_LEVEL
+
+
+def configure_logging(level: str | None = None) -> str:
+    """`logging.basicConfig` for a command-line process: one stderr handler on the root logger, which stays
+    at WARNING for other libraries (botocore at DEBUG would print signed request headers and key ids), and
+    `level` (default `default_log_level()`) for samsr's own loggers, `samsr.*` and `pipelines.*`. Where the
+    root logger already has handlers (pytest, an embedding program) only the levels are set. Returns the level."""
+    global _configured_level
+    level = log_level(level or default_log_level())
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, datefmt="%H:%M:%S")
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    _configured_level = level
+    return level
+
+
+class LogLevelAction(argparse.Action):
+    """`--log-level LEVEL` that configures logging as soon as it is parsed (the entrypoints' mains hand
+    `run_entrypoint` a closure, not their arguments)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        configure_logging(values)
+
+
+def add_log_level(p, default=None, action: type[argparse.Action] | str = "store") -> None:
+    """`--log-level LEVEL` (DEBUG, INFO, WARNING, ERROR, CRITICAL; default $SAMSR_LOG_LEVEL or INFO)."""
+    p.add_argument("--log-level", type=log_level, metavar="LEVEL", default=default, action=action,
+                   help=f"level of samsr's own loggers: {', '.join(LOG_LEVELS)} (default $SAMSR_LOG_LEVEL or "
+                        f"{DEFAULT_LOG_LEVEL}); other libraries log at WARNING")
+
+
 def run_entrypoint(module: str, fn) -> int:
     """Run a `python -m pipelines.<job>` entrypoint's work, `fn() -> exit code`. A refusal before any work
     (a bad setting, a missing or overlapping location, a missing model, GPUs the cluster does not
@@ -98,6 +155,8 @@ def run_entrypoint(module: str, fn) -> int:
     from samsr.config import ConfigError
     from samsr.locations import EXIT_USAGE, LocationError
 
+    if _configured_level is None:
+        configure_logging()
     try:
         return fn()
     except (ConfigError, LocationError, FileNotFoundError, ResourceUnavailable) as exc:
@@ -109,12 +168,13 @@ def entrypoint_parser(module: str, description: str, example: str, model_set: bo
     """The argparse parser of a `python -m pipelines.<job>` entrypoint (what `ray job submit` runs):
     `--config` preset or YAML, repeatable `--set key=value` overrides (and `--model-set` for the jobs
     that load a trained model)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                epilog=f"example:\n  ray job submit -- python -m {module} --config samdiffsr-tiny "
+                                       f"--set {example} ...", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="samdiffsr", help="preset name or YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"config override, e.g. {example} (repeatable)")
     if model_set:
         add_model_set(p)
+    add_log_level(p, action=LogLevelAction)
     return p

@@ -1,165 +1,44 @@
 """`samsr shard`: images (folder | s3://) -> WebDataset shards with HR, LR, SAM masks, SPE and coverage.
 
 Main path: `run(cfg)` plans (sorted listing -> shard ids, `_plan.json`), skips shards whose manifest
-exists (resume), then streams Ray Data: CPU tasks read + decode + make LR (`samsr.shards.process.
-decode_source`), an actor pool loads the segmenter once per actor and computes masks + SPE + coverage
-(`segment_members`), and the driver's `ShardWriter` buffers rows per shard id and writes each shard
-when all its planned samples arrived. `python -m pipelines.shard` is the `ray job submit` entry.
+exists (resume), then runs the stages of `pipelines.shard_stages` on Ray: a CPU task per image reads,
+decodes and makes LR; an actor pool (`shard.actors`, each loading the segmenter once, with
+`shard.gpus_per_actor` GPUs) computes masks + SPE + coverage per batch; a write task per shard gets the
+batches' object refs, builds the tar and uploads tar, preview and manifest. Sample bytes go from worker
+to worker; the driver (on a cluster, the head node) holds object refs and receives one small summary per
+shard, so its memory and network do not grow with the data. `python -m pipelines.shard` is the `ray job
+submit` entry.
 
 Before any work (one line, exit 2): settings that cannot work (samples_per_shard < 1, ...), an output
 that is, lies inside or holds the input, a missing input folder/bucket, a missing output bucket, an
-unreachable S3 endpoint. An input without images: one line, exit 1, nothing written. Resume: see
-`pipelines.shard_resume` (finished shards are verified by size + sha256, and rebuilt when they differ).
+unreachable S3 endpoint, GPUs asked for that the cluster does not bring up within shard.gpu_wait_s.
+An input without images: one line, exit 1, nothing written. Resume: see `pipelines.shard_resume`
+(finished shards are verified by size + sha256, and rebuilt when they differ).
 Exit codes (samsr.locations): 0 when every good image is in a shard (unusable ones are recorded in the
 manifests and failures.jsonl); 1 when a good image failed (read or segmenter error: rerun to retry)
 or no image at all is in a shard.
 """
 from __future__ import annotations
 
-import hashlib
+import itertools
 import json
+import logging
 import math
+import pickle
 import sys
 import time
 from typing import Any, Callable
 
-import numpy as np
-
 from pipelines import shard_resume as resume
+from pipelines import shard_stages as stages
 from pipelines.rayenv import ensure_ray, entrypoint_parser, require_gpus, run_entrypoint
 from samsr import config as config_mod
 from samsr import images, locations, redact, storage
 from samsr.config import Config
-from samsr.images import ImageError
 from samsr.shards import format as fmt
 from samsr.shards import plan as plan_mod
-from samsr.shards import preview
-from samsr.shards import process
 
-MEMBER_COLUMNS = {name: "m_" + name.replace(".", "_") for name in fmt.MEMBERS_HR + fmt.MEMBERS_LRUP}
-# ---------------------------------------------------------------- stage 1: read + decode (CPU tasks)
-
-def _empty_row(item: dict) -> dict:
-    row = {"uri": item["uri"], "key": item["key"], "shard": int(item["shard"]), "index": int(item["index"]),
-           "status": "ok", "reason": "", "message": "", "hr_raw": b"", "lr_raw": b"", "hr_h": 0, "hr_w": 0,
-           "meta": "", "thumb": b"", "t_read": 0.0, "t_decode": 0.0, "t_segment": 0.0}
-    row.update({col: b"" for col in MEMBER_COLUMNS.values()})
-    return row
-
-
-def decode_row(item: dict, cfg_dict: dict) -> dict:
-    """Plan entry -> row with HR/LR raw bytes and hr.png/lr.png, or status=failed + reason."""
-    import torch
-
-    torch.set_num_threads(1)
-    cfg = config_mod.from_dict(cfg_dict)
-    row = _empty_row(item)
-    t0 = time.perf_counter()
-    try:
-        data = storage.read_bytes(item["uri"])
-    except storage.StorageError as exc:
-        row.update(status="failed", reason="read_error", message=str(exc))
-        return row
-    t1 = time.perf_counter()
-    try:
-        dec = process.decode_source(item["uri"], data, cfg)
-    except ImageError as exc:
-        row.update(status="failed", reason=exc.reason, message=str(exc), t_read=t1 - t0)
-        return row
-    for name, blob in process.image_members(dec, cfg).items():
-        row[MEMBER_COLUMNS[name]] = blob
-    row.update(hr_raw=dec.hr.tobytes(), lr_raw=dec.lr.tobytes(), hr_h=dec.hr.shape[0], hr_w=dec.hr.shape[1],
-               meta=json.dumps(dec.meta), t_read=t1 - t0, t_decode=time.perf_counter() - t1)
-    return row
-
-
-# ---------------------------------------------------------------- stage 2: segmenter actor pool
-
-class SegmentActor:
-    """Loads the segmenter once; per batch: masks + SPE + coverage members and a preview thumbnail."""
-
-    def __init__(self, cfg_dict: dict) -> None:
-        import torch
-
-        from samsr.structure.segmenters import build_segmenter
-
-        torch.set_num_threads(1)
-        self.cfg = config_mod.from_dict(cfg_dict)
-        self.segmenter = build_segmenter(self.cfg.segmenter)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        s = self.cfg.data.scale
-        out: dict[str, list] = {k: [] for k in batch if k not in ("hr_raw", "lr_raw")}
-        for i in range(len(batch["uri"])):
-            row = {k: batch[k][i] for k in out}
-            if row["status"] == "ok":
-                h, w = int(row["hr_h"]), int(row["hr_w"])
-                hr = np.frombuffer(batch["hr_raw"][i], np.uint8).reshape(h, w, 3)
-                lr = np.frombuffer(batch["lr_raw"][i], np.uint8).reshape(h // s, w // s, 3)
-                dec = process.Decoded(hr, lr, json.loads(row["meta"]))
-                t0 = time.perf_counter()
-                try:
-                    members, labels = process.segment_members(dec, self.cfg, self.segmenter)
-                except Exception as exc:   # recorded per sample; the job goes on
-                    row.update(status="failed", reason="segment_error", message=f"{type(exc).__name__}: {exc}")
-                else:
-                    for name, blob in members.items():
-                        row[MEMBER_COLUMNS[name]] = blob
-                    row["thumb"] = fmt.png_bytes(preview.overlay_thumbnail(hr, labels), 1)
-                row["t_segment"] = time.perf_counter() - t0
-            for k in out:
-                out[k].append(row[k])
-        return out
-
-
-# ---------------------------------------------------------------- the writer (driver)
-
-def _member_dict(row: dict) -> dict[str, bytes]:
-    return {name: bytes(row[col]) for name, col in MEMBER_COLUMNS.items() if len(row[col])}
-
-
-class ShardWriter:
-    """Buffers rows per shard id; writes tar, preview, then manifest once all planned samples arrived."""
-
-    def __init__(self, output: str, plan: plan_mod.Plan, todo: list[int], write_preview: bool,
-                 fail_after_shards: int | None = None) -> None:
-        self.output, self.plan, self.write_preview = output, plan, write_preview
-        self.pending: dict[int, dict[int, dict]] = {sid: {} for sid in todo}
-        self.written: list[int] = []
-        self.fail_after_shards = fail_after_shards
-
-    def add(self, row: dict) -> None:
-        sid = int(row["shard"])
-        buf = self.pending[sid]
-        buf[int(row["index"])] = row
-        if len(buf) == len(self.plan.shards[sid]):
-            self._write(sid, [buf[i] for i in sorted(buf)])
-            del self.pending[sid]
-
-    def _write(self, sid: int, rows: list[dict]) -> None:
-        name = plan_mod.shard_name(sid)
-        ok = [r for r in rows if r["status"] == "ok"]
-        tar = fmt.tar_bytes((r["key"], _member_dict(r)) for r in ok)
-        storage.write_bytes(storage.join(self.output, f"{name}.tar"), tar)
-        if self.write_preview and ok:
-            thumbs = [fmt.png_array(bytes(r["thumb"])) for r in ok if len(r["thumb"])]
-            storage.write_bytes(storage.join(self.output, "_preview", f"{name}.jpg"), preview.contact_sheet(thumbs))
-        metas = {r["key"]: json.loads(bytes(r["m_json"])) for r in ok}
-        manifest = {
-            "shard": name, "tar": f"{name}.tar", "tar_bytes": len(tar), "tar_sha256": hashlib.sha256(tar).hexdigest(),
-            "ok": len(ok), "failed": len(rows) - len(ok),
-            "segmenter": next(iter(metas.values()))["segmenter"] if metas else None,
-            "samples": [{"key": r["key"], "uri": r["uri"], "status": r["status"], "reason": r["reason"] or None,
-                         "message": r["message"] or None, "hr_masks": metas.get(r["key"], {}).get("hr_masks"),
-                         "lrup_masks": metas.get(r["key"], {}).get("lrup_masks"),
-                         "t_read": round(float(r["t_read"]), 4), "t_decode": round(float(r["t_decode"]), 4),
-                         "t_segment": round(float(r["t_segment"]), 4)}
-                        for r in rows]}
-        storage.write_bytes(storage.join(self.output, "_manifest", f"{name}.json"), fmt.dumps(manifest))
-        self.written.append(sid)
-        if self.fail_after_shards is not None and len(self.written) >= self.fail_after_shards:
-            raise RuntimeError(f"test hook: failing after {len(self.written)} shard(s) as asked")
-
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- plan, resume, stats
 
@@ -207,58 +86,117 @@ def load_or_build_plan(cfg: Config) -> tuple[plan_mod.Plan, list[str]]:
 
 def _write_totals(cfg: Config, plan: plan_mod.Plan, written: int, images_now: int, seconds: float,
                   extra: dict | None = None) -> dict:
-    manifests = [json.loads(storage.read_bytes(storage.join(cfg.shard.output, "_manifest", f"{plan_mod.shard_name(i)}.json")))
-                 for i in range(len(plan.shards))]
+    """failures.jsonl and _stats.json from every manifest, read one at a time (only counts and the
+    failures are kept, so the driver's memory follows the failures, not the size of the dataset)."""
     failures = [{"uri": r["uri"], "key": None, "shard": None, "reason": r["reason"], "message": r["message"]}
                 for r in plan.rejected]
-    for m in manifests:
+    ok = tar_bytes = no_hr = no_lrup = 0
+    segmenter = None
+    for i in range(len(plan.shards)):
+        m = json.loads(storage.read_bytes(resume.manifest_uri(cfg.shard.output, i)))
+        ok, tar_bytes, segmenter = ok + m["ok"], tar_bytes + m["tar_bytes"], segmenter or m["segmenter"]
         failures += [{"uri": s["uri"], "key": s["key"], "shard": m["shard"], "reason": s["reason"],
                       "message": s["message"]} for s in m["samples"] if s["status"] != "ok"]
+        no_hr += sum(s["status"] == "ok" and s.get("hr_masks") == 0 for s in m["samples"])     # all-background E ≡ 0
+        no_lrup += sum(s["status"] == "ok" and s.get("lrup_masks") == 0 for s in m["samples"])  # coverage C ≡ 1
     storage.write_bytes(storage.join(cfg.shard.output, "failures.jsonl"),
                         b"".join(fmt.dumps(f) + b"\n" for f in failures))
-    known_bad = sum(f["reason"] in resume.KNOWN_BAD for f in failures)
-    samples = [s for m in manifests for s in m["samples"] if s["status"] == "ok"]
-    stats = {"images_planned": plan.num_images + len(plan.rejected), "ok": sum(m["ok"] for m in manifests),
-             "failed": len(failures), "known_bad": known_bad, "failed_good": len(failures) - known_bad,
-             "no_masks": {"hr": sum(s.get("hr_masks") == 0 for s in samples),      # all-background E ≡ 0
-                          "lrup": sum(s.get("lrup_masks") == 0 for s in samples)},  # coverage C ≡ 1
-             "shards": len(manifests), "bytes": sum(m["tar_bytes"] for m in manifests),
+    stats = {"images_planned": plan.num_images + len(plan.rejected), "ok": ok,
+             **locations.failure_counts(failures, resume.KNOWN_BAD),
+             "no_masks": {"hr": no_hr, "lrup": no_lrup}, "shards": len(plan.shards), "bytes": tar_bytes,
              **(extra or {}),
              "shards_written_this_run": written, "images_this_run": images_now,
              "seconds_this_run": round(seconds, 3),
              "images_per_s_this_run": round(images_now / seconds, 4) if seconds > 0 and images_now else 0.0,
-             "segmenter": next((m["segmenter"] for m in manifests if m["segmenter"]), None),
+             "segmenter": segmenter,
              "config": redact.redact_config(cfg)}          # no userinfo / signatures in URIs
     storage.write_bytes(storage.join(cfg.shard.output, "_stats.json"), fmt.dumps(stats))
     return stats
 
 
-def _stream(cfg: Config, plan: plan_mod.Plan, todo: list[int], writer: ShardWriter,
-            echo: Callable[[str], None] = print) -> None:
+class Progress:
+    """What reaches the driver: one summary per written shard (SUMMARY_KEYS, a few hundred bytes),
+    counted here, logged at most every `every_s` seconds, and the test hook `fail_after_shards`."""
+
+    def __init__(self, shards: int, images_todo: int, fail_after_shards: int | None = None,
+                 every_s: float = 30.0) -> None:
+        self.shards, self.images_todo, self.every_s = shards, images_todo, every_s
+        self.fail_after_shards = fail_after_shards
+        self.written: list[int] = []
+        self.images = self.received_bytes = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def add(self, summary: dict) -> None:
+        if set(summary) != set(stages.SUMMARY_KEYS):
+            raise RuntimeError(f"a shard writer returned {sorted(summary)}, not a summary")
+        self.received_bytes += len(pickle.dumps(summary))
+        self.written.append(int(summary["shard"]))
+        self.images += int(summary["images"])
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            log.info("samsr shard: %d/%d shards written, %d/%d images, %.2f images/s", len(self.written),
+                     self.shards, self.images, self.images_todo, self.images / max(now - self.t0, 1e-9))
+        if self.fail_after_shards is not None and len(self.written) >= self.fail_after_shards:
+            raise RuntimeError(f"test hook: failing after {len(self.written)} shard(s) as asked")
+
+
+def _warn_memory(cfg: Config, memory: int, echo: Callable[[str], None]) -> None:
     import ray
 
-    sc = cfg.shard
-    memory = images.decode_memory(cfg.data.max_pixels)
     biggest = max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
     if 0 < biggest < memory:
         echo(f"samsr shard: warning: data.max_pixels={cfg.data.max_pixels} makes each decode task reserve "
              f"{memory / 2**30:.1f} GiB, more than the largest Ray node offers ({biggest / 2**30:.1f} GiB): decodes "
              "wait for a larger node; lower data.max_pixels to shard on these nodes")
-    items = [{"uri": e.uri, "key": e.key, "shard": sid, "index": i}
-             for sid in todo for i, e in enumerate(plan.shards[sid])]
-    cfg_dict = config_mod.to_dict(cfg)
-    require_gpus("samsr shard", sc.gpus_per_actor, sc.actors, "--gpus-per-actor 0", sc.gpu_wait_s)
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), math.ceil(len(items) / sc.batch_size), 10_000)))
-    # `memory` (a decode holds a few copies of a 2K image) also keeps Ray from fusing decode into the actors
-    ds = ds.map(decode_row, fn_kwargs={"cfg_dict": cfg_dict}, num_cpus=0.5, memory=memory)
-    ds = ds.map_batches(SegmentActor, fn_constructor_kwargs={"cfg_dict": cfg_dict}, batch_size=sc.batch_size,
-                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=sc.actors),
-                        num_cpus=sc.cpus_per_actor, num_gpus=sc.gpus_per_actor or None)
-    for row in ds.iter_rows():
-        writer.add(row)
-    if writer.pending:
-        raise RuntimeError(f"the stream ended with shards incomplete: {sorted(writer.pending)[:10]}")
 
+
+def shards_in_flight(cfg: Config, plan: plan_mod.Plan) -> int:
+    """Shards whose rows may sit in the object store at once: enough decoded images queued to keep every
+    actor busy four batches ahead (a decode takes longer than a segmentation on GPU), plus one shard
+    being written and one being filled; each shard's rows wait in the object store for its write."""
+    sc = cfg.shard
+    return 2 + math.ceil(4 * sc.actors * sc.batch_size / max(1, max(map(len, plan.shards))))
+
+
+def _execute(cfg: Config, plan: plan_mod.Plan, todo: list[int], progress: Progress,
+             echo: Callable[[str], None] = print) -> None:
+    """Per image a decode task, per batch of a shard an actor call (round robin over `shard.actors`
+    segmenter actors), per shard a write task fed the batches' object refs: bytes go from worker to
+    worker, the driver holds refs and receives summaries. At most `shards_in_flight` shards at a time."""
+    import ray
+
+    sc = cfg.shard
+    memory = images.decode_memory(cfg.data.max_pixels)
+    _warn_memory(cfg, memory, echo)
+    cfg_ref = ray.put(config_mod.to_dict(cfg))
+    # `memory`: a decode holds a few copies of a 2K image; retries: a lost worker (node gone) is redone
+    decode = ray.remote(stages.decode_row).options(num_cpus=0.5, memory=memory, max_retries=3)
+    write = ray.remote(stages.write_shard).options(num_cpus=0.25, max_retries=3)
+    actor_cls = ray.remote(stages.SegmentActor).options(num_cpus=sc.cpus_per_actor, num_gpus=sc.gpus_per_actor,
+                                                        max_restarts=3, max_task_retries=3)
+    actors = [actor_cls.remote(config_mod.to_dict(cfg)) for _ in range(sc.actors)]   # by value: restartable
+    turn = itertools.cycle(actors)
+    queue, running = list(reversed(todo)), {}
+    if progress.fail_after_shards is not None:     # test hook: a job killed after that many shards
+        queue = queue[-progress.fail_after_shards:]
+    window = shards_in_flight(cfg, plan)
+    try:
+        while queue or running:
+            while queue and len(running) < window:
+                sid = queue.pop()
+                items = [{"uri": e.uri, "key": e.key, "shard": sid, "index": i} for i, e in enumerate(plan.shards[sid])]
+                batches = [next(turn).segment.remote(*[decode.remote(it, cfg_ref) for it in items[i:i + sc.batch_size]])
+                           for i in range(0, len(items), sc.batch_size)]
+                running[write.remote(sc.output, sid, sc.preview, *batches)] = sid
+            done, _ = ray.wait(list(running), num_returns=1)
+            del running[done[0]]
+            progress.add(ray.get(done[0]))
+    finally:
+        for ref in running:
+            ray.cancel(ref)
+        for actor in actors:
+            ray.kill(actor)
 
 def _normalized(cfg: Config) -> Config:
     """Input and output in `locations.normalize` form: a relative path resumes what the absolute one
@@ -286,24 +224,29 @@ def run(cfg: Config, *, dry_run: bool = False, fail_after_shards: int | None = N
 
         return do_dry_run(cfg, echo)
     t0 = time.perf_counter()
+    if cfg.shard.gpus_per_actor > 0:    # asked before the plan is written: a refusal leaves nothing behind
+        ensure_ray()
+        require_gpus("samsr shard", cfg.shard.gpus_per_actor, cfg.shard.actors, "--gpus-per-actor 0",
+                     cfg.shard.gpu_wait_s)
     plan, new = load_or_build_plan(cfg)
     if not plan.num_images and not plan.rejected:
         return _nothing_to_do(cfg)
     why = resume.check_finished(cfg.shard.output, plan)
     todo = sorted(why)
     rebuilt = resume.count_reasons(list(why.values()))
-    writer = ShardWriter(cfg.shard.output, plan, todo, cfg.shard.preview, fail_after_shards)
+    progress = Progress(len(todo), sum(len(plan.shards[i]) for i in todo), fail_after_shards)
     if todo:
         ensure_ray()
-        _stream(cfg, plan, todo, writer, echo)
+        _execute(cfg, plan, todo, progress, echo)
     seconds = time.perf_counter() - t0
-    stats = _write_totals(cfg, plan, len(writer.written), sum(len(plan.shards[i]) for i in todo), seconds,
-                          {"shards_rebuilt_this_run": rebuilt, "images_not_in_plan": len(new)})
+    stats = _write_totals(cfg, plan, len(progress.written), progress.images_todo, seconds,
+                          {"shards_rebuilt_this_run": rebuilt, "images_not_in_plan": len(new),
+                           "driver_received_bytes_this_run": progress.received_bytes})
     again = f", {sum(rebuilt.values())} of them rebuilt ({', '.join(f'{n} {r}' for r, n in rebuilt.items())})" \
         if rebuilt else ""
     echo(f"samsr shard: {stats['ok']} images ok, {stats['known_bad']} unusable (recorded), {stats['failed_good']} "
          f"failed{' (rerun to retry)' if stats['failed_good'] else ''}, {stats['no_masks']['hr']} without masks; "
-         f"{stats['shards']} shards ({len(writer.written)} written now{again}, {len(plan.shards) - len(todo)} "
+         f"{stats['shards']} shards ({len(progress.written)} written now{again}, {len(plan.shards) - len(todo)} "
          f"already there), {stats['images_per_s_this_run']:.2f} images/s, {stats['bytes'] / 1e6:.1f} MB -> "
          f"{cfg.shard.output}")
     if new:

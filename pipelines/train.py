@@ -1,7 +1,8 @@
 """`samsr train`: distributed training on the shards with Ray Train, rank 0 logging to MLflow.
 
-A `TorchTrainer` runs `train_loop` on `job.num_workers` workers (DDP; gloo on CPU, NCCL on GPU). Each
-worker streams batches from its share of the shards (`samsr.shards.stream`), calls the same
+A `TorchTrainer` runs `train_loop` on `job.num_workers` workers (DDP; gloo on CPU, NCCL on GPU). Ray Data
+tasks read, decode and crop the shards on any node's CPUs (`pipelines.train_data`, with its seed story);
+each worker takes batches from its split of that stream, calls the same
 `samsr.train_step` as the plain loop, and every `train.checkpoint_every` steps rank 0 writes a samsr
 checkpoint (model + config, loadable weights-only) with the optimizer state and the MLflow run id.
 Ray Train keeps checkpoints under `job.storage`/`job.name`; running again with the same name and
@@ -10,9 +11,10 @@ the run already holds; after a completed run, checkpoint folders Ray Train does 
 worker that outlived a killed driver) are removed. SAM-DiffSR first pretrains its RRDB
 (`train.rrdb_iterations`), then trains the diffusion (`train.iterations`).
 
-The driver decides which shards each rank reads (`plan_data`: by sample count, empty shards left out)
-and refuses to start when a rank would get no sample. Bad samples are skipped and counted
-(`data/skipped_samples`, summed over ranks; see samsr/shards/stream.py for the threshold).
+The driver lists the shards and their sample counts (`plan_data`: empty shards left out, validation
+samples held out) and refuses to start when no training sample is left. Bad samples are skipped and
+counted by the decode tasks (`data/skipped_samples`, over all workers); training stops past
+`job.max_skipped_fraction` of the samples read.
 
     samsr train --config samsr-teacher --set job.shards=s3://bucket/shards --set job.storage=s3://bucket/runs
     python -m pipelines.train --config ... --set ...        # the same, as a `ray job submit` entrypoint
@@ -30,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipelines import validation
+from pipelines import train_data, validation
 from pipelines.rayenv import ensure_ray, entrypoint_parser, require_gpus, run_entrypoint
 from pipelines.tracking import Tracker, check_tracking_reachable, tracking_uri
 from samsr import config as config_mod
@@ -119,31 +121,19 @@ def _replica_spread(params: list[torch.Tensor], world: int) -> float:
     return float((hi + lo).cpu())
 
 
-def _summed(n: int, world: int, device: torch.device) -> int:
-    """`n` summed over the workers (all of them call this at the same step)."""
-    if world == 1:
-        return n
-    import torch.distributed as dist
-
-    total = torch.tensor([float(n)], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return int(total.item())
-
-
 def plan_data(cfg: Config, uris: list[str] | None = None) -> dict[str, Any]:
-    """What the workers read, decided once by the driver: `ranks` (each rank's shards, by samples, empty
-    shards left out), `filled` (the shards holding samples; validation holds out from the last), `holdout`
-    (the validation keys) and `counts` (samples per shard). LocationError when a rank would get none."""
+    """What the training dataset reads, decided once by the driver: `filled` (the shards holding samples;
+    validation holds out from the last), `holdout` (the validation keys) and `counts` (samples per shard).
+    LocationError when no training sample is left."""
     uris = uris if uris is not None else stream.list_shards(cfg.job.shards)
     try:
         counts = stream.shard_counts(uris)
         filled = [u for u in uris if counts[u] > 0]
         held = validation.holdout_keys(cfg, filled)[0] if filled else frozenset()
-        ranks = stream.assign_shards(counts, cfg.job.num_workers, {filled[-1]: len(held)} if held else {},
-                                     where=cfg.job.shards)
+        stream.usable_shards(counts, {filled[-1]: len(held)} if held else {}, cfg.job.shards, cfg.job.num_workers)
     except ValueError as exc:               # no samples (ShardDataError), or validation would take them all
         raise LocationError(str(exc)) from None
-    return {"ranks": ranks, "filled": filled, "holdout": sorted(held), "counts": counts}
+    return {"filled": filled, "holdout": sorted(held), "counts": counts}
 
 
 def _save(method, ema: EMA | None, cfg: Config, extra: dict, opt, sched, folder: Path) -> None:
@@ -155,9 +145,10 @@ def _save(method, ema: EMA | None, cfg: Config, extra: dict, opt, sched, folder:
                folder / RESUME_FILE)
 
 
-def train_loop(loop_config: dict[str, Any], tracking: str = "") -> None:
+def train_loop(loop_config: dict[str, Any], tracking: str = "", tally=None) -> None:
     """The per-worker function. `loop_config` holds the redacted config (Ray Train exports it to its dashboard);
-    `tracking`, the MLflow URI with any userinfo, reaches the workers only inside the pickled function."""
+    `tracking`, the MLflow URI with any userinfo, and `tally` (the skip counter actor) reach the workers
+    only inside the pickled function. Batches come from this worker's split of the "train" dataset."""
     import ray.train
     import ray.train.torch
 
@@ -189,11 +180,11 @@ def train_loop(loop_config: dict[str, Any], tracking: str = "") -> None:
     data = loop_config.get("data") or plan_data(cfg)       # the driver's plan (`run` always passes it)
     tracker = Tracker(cfg, run_name(cfg), resume["mlflow_run_id"]) if rank == 0 else None
     valset = validation.build(cfg, data["filled"]) if rank == 0 else None
-    holdout = frozenset(data["holdout"])
     validator = validation.Validator(cfg, valset, device) if valset is not None else None
     if valset is not None:
         print(f"samsr train: validating on {len(valset.names)} image(s) from {valset.source}", flush=True)
-    uris = data["ranks"][rank]
+    source = train_data.WorkerBatches(cfg, rank, tally)
+    batches = iter(source)
     ok = False
     try:
         order = [s for s, _ in stages(cfg)]
@@ -205,7 +196,7 @@ def train_loop(loop_config: dict[str, Any], tracking: str = "") -> None:
             if first > steps:           # finished before the restart (its checkpoint holds the result)
                 continue
             final = index == len(order) - 1
-            feed = {"uris": uris, "holdout": holdout, "counts": data["counts"],
+            feed = {"batches": batches, "source": source,
                     "skipped": int(resume["skipped_samples"]) if first > 1 else 0}
             _run_stage(stage, steps, first, method, cfg, feed, rank, world, device, tracker,
                        optim_state if first > 1 else None, fail_after, final,
@@ -220,9 +211,9 @@ def train_loop(loop_config: dict[str, Any], tracking: str = "") -> None:
 def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, feed: dict, rank: int, world: int,
                device: torch.device, tracker: Tracker | None, optim_state: dict | None, fail_after: int,
                final: bool, validator: validation.Validator | None = None) -> None:
-    """Steps `first`..`steps` of one stage. `feed`: this rank's shards (`uris`), the validation `holdout`,
-    samples per shard (`counts`) and the skipped samples counted before a resume (`skipped`). Metrics of
-    the RRDB stage are named rrdb/…, so no (metric, step) pair repeats across stages."""
+    """Steps `first`..`steps` of one stage. `feed`: this worker's batches and their `source`
+    (train_data.WorkerBatches, for the skip totals) and the skipped samples counted before a resume
+    (`skipped`). Metrics of the RRDB stage are named rrdb/…, so no (metric, step) pair repeats across stages."""
     import ray.train
     import ray.train.torch
 
@@ -250,12 +241,7 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, feed: di
             sched.load_state_dict(optim_state["scheduler"])
     wrapped = ray.train.torch.prepare_model(module, move_to_device=False) if world > 1 else module
     params = [p for p in module.parameters() if p.requires_grad]
-    skips = stream.SkipCount()
-    batches = stream.batches(feed["uris"], batch_size=per_worker_batch(cfg), hr_crop=cfg.data.hr_crop,
-                             scale=cfg.data.scale, seed=tc.seed + 7919 * first, rank=rank, pool=cfg.job.sample_pool,
-                             crops_per_sample=cfg.job.crops_per_sample, flips=cfg.data.flips,
-                             need_cover=cfg.method == "samsr-student", exclude=feed["holdout"], count=skips,
-                             max_skipped=cfg.job.max_skipped_fraction, expected=feed["counts"])
+    batches = feed["batches"]
     named = (lambda values: {f"rrdb/{k}": v for k, v in values.items()}) if stage == "rrdb" else dict
     generator = torch.Generator(device).manual_seed(tc.seed * 1009 + rank * 7 + first)
     preview = batch_to(next(batches), device) if rank == 0 and stage != "rrdb" else None
@@ -277,7 +263,7 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, feed: di
             if tracker is not None:
                 tracker.metrics(step, scores)
         logs, saves = step % tc.log_every == 0 or is_last, step % tc.checkpoint_every == 0 or is_last
-        skipped = feed["skipped"] + _summed(skips.skipped, world, device) if logs or saves else 0
+        skipped = feed["skipped"] + feed["source"].skipped() if logs or saves else 0
         if logs:
             values = {**metrics, "lr": opt.param_groups[0]["lr"], "samples_per_s": seen / (time.perf_counter() - t0),
                       "data/skipped_samples": skipped}
@@ -302,7 +288,7 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, feed: di
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
             else:
                 ray.train.report(report)
-        if fail_after and step == fail_after:
+        if fail_after and step == fail_after and rank == 0:   # rank 0 closes its MLflow run, then the group stops
             raise RuntimeError(f"test hook: failing after step {step} (fail_after_steps)")
     if stage == "rrdb":
         module.eval()
@@ -335,9 +321,11 @@ def run(cfg: Config, *, fail_after_steps: int = 0, echo: Callable[[str], None] =
     path, fs = storage_target(cfg.job.storage)
     ensure_ray()
     require_gpus("samsr train", 1.0 if cfg.job.use_gpu else 0.0, cfg.job.num_workers, "no --use-gpu", cfg.job.gpu_wait_s)
+    tally = train_data.new_tally()
     trainer = TorchTrainer(
-        functools.partial(train_loop, tracking=tracking_uri(cfg)),
+        functools.partial(train_loop, tracking=tracking_uri(cfg), tally=tally),
         train_loop_config={"cfg": redact_config(cfg), "fail_after_steps": fail_after_steps, "data": data},
+        datasets={"train": train_data.build(cfg, data, sum(steps for _, steps in stages(cfg)), tally)},
         scaling_config=ScalingConfig(num_workers=cfg.job.num_workers, use_gpu=cfg.job.use_gpu,
                                      resources_per_worker={"CPU": cfg.job.cpus_per_worker}),
         run_config=RunConfig(name=run_name(cfg), storage_path=path, storage_filesystem=fs,

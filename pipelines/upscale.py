@@ -182,9 +182,8 @@ def check_job(cfg: Config, model_overrides: Sequence[str] = ()) -> None:
 
 def summarize(rows: Sequence[dict], seconds: float) -> dict[str, Any]:
     """Manifest rows -> counts: ok, skipped, failed = known_bad (recorded inputs) + failed_good (retry)."""
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
-    known_bad = sum(r["status"] == "failed" and r["reason"] in KNOWN_BAD for r in rows)
-    return {**counts, "known_bad": known_bad, "failed_good": counts["failed"] - known_bad, "inputs": len(rows),
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped")}
+    return {**counts, **locations.failure_counts(rows, KNOWN_BAD), "inputs": len(rows),
             "seconds": seconds, "images_per_s": counts["ok"] / seconds if seconds > 0 and counts["ok"] else 0.0}
 
 

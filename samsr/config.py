@@ -126,7 +126,8 @@ class InferConfig:
 
 # (field, least value, strictly above it) for the job sections' Ray resource settings
 RESOURCE_LIMITS = (("actors", 1, False), ("num_workers", 1, False), ("gpus_per_actor", 0, False),
-                   ("gpu_wait_s", 0, False), ("cpus_per_actor", 0, True), ("cpus_per_worker", 0, True))
+                   ("gpu_wait_s", 0, False), ("cpus_per_actor", 0, True), ("cpus_per_worker", 0, True),
+                   ("decode_cpus", 0, True))
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,9 @@ class JobConfig:
     keep_checkpoints: int = 3
     experiment: str = "samsr"           # MLflow experiment
     tracking_uri: str = ""              # MLflow server; "" = $MLFLOW_TRACKING_URI (none: no MLflow logging)
-    sample_pool: int = 16               # decoded samples held per worker; crops are drawn from the pool
-    crops_per_sample: int = 8           # crops drawn per sample while it is in the pool (on average)
+    sample_pool: int = 16               # local shuffle buffer of each worker, in samples (× crops_per_sample crops)
+    crops_per_sample: int = 8           # crops cut from each decoded sample per pass
+    decode_cpus: float = 1.0            # CPUs of each Ray Data task that reads, decodes and crops one shard
     val: str = ""                       # HR images (folder | s3://) to validate on; "" = hold out shard samples
     val_images: int = 4                 # images in the validation set (the first N, sorted); 0 = no validation
     val_crop: int = 256                 # central HR crop side of each validation image (px; 0 = whole image)

@@ -7,6 +7,7 @@ the jobs share: each check fails in seconds with one line naming what was wrong 
 from __future__ import annotations
 
 import os
+from typing import Collection, Iterable, Mapping
 
 from samsr import storage
 
@@ -70,7 +71,8 @@ def _head_bucket(uri: str) -> None:
     try:
         client.head_bucket(Bucket=bucket)
     except bce.ClientError as exc:
-        code = storage._error_code(exc)
+        err, meta = exc.response.get("Error", {}), exc.response.get("ResponseMetadata", {})
+        code = str(err.get("Code") or meta.get("HTTPStatusCode") or "")
         if code in ("404", "NoSuchBucket", "NotFound"):
             raise LocationError(f"bucket {bucket!r} does not exist ({where}; from {uri!r})") from None
         if code in ("403", "AccessDenied"):
@@ -114,5 +116,14 @@ def exit_code(*, done: int, failed_good: int, known_bad: int = 0) -> int:
     return EXIT_OK
 
 
+def failure_counts(rows: Iterable[Mapping], known_bad: Collection[str]) -> dict[str, int]:
+    """Rows with `status` (absent = failed) and `reason` -> `failed`, `known_bad` (inputs recorded as
+    unusable: each job names its reasons) and `failed_good` (errors a rerun retries)."""
+    reasons = [r.get("reason") for r in rows if r.get("status", "failed") == "failed"]
+    bad = sum(reason in known_bad for reason in reasons)
+    return {"failed": len(reasons), "known_bad": bad, "failed_good": len(reasons) - bad}
+
+
 __all__ = ["LocationError", "normalize", "refuse_overlap", "require_input", "require_output", "exit_code",
+           "failure_counts",
            "EXIT_OK", "EXIT_INCOMPLETE", "EXIT_USAGE", "PREFLIGHT_TIMEOUT_S"]

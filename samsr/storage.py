@@ -1,35 +1,41 @@
 """The one place that turns `s3://bucket/key` or local paths into I/O (DESIGN.md "storage.py").
 
-S3 goes through boto3 (precise error codes for retries, one PUT per write, multipart download for
-large checkpoints); `filesystem()` hands pyarrow a matching filesystem for Ray Data. The endpoint
-comes from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` (MinIO, moto, R2...), the region from
-`AWS_DEFAULT_REGION`/`AWS_REGION` (default us-east-1); credentials come from the usual boto3 chain
-and are never logged. Local writes are atomic (a short hidden temp name in the same directory, then
-os.replace).
+S3 goes through one pyarrow `S3FileSystem` per process, the one `filesystem()` also hands Ray Data:
+endpoint from `AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL` (MinIO, moto, R2...), region from
+`AWS_DEFAULT_REGION`/`AWS_REGION` (else the bucket's own), credentials from the AWS default chain (never
+logged), retries by the AWS SDK's standard strategy (throttling, 5xx, dropped connections). Reads stream
+(ranged GETs); objects over one part (10 MB) go up as multipart uploads, one part in memory at a time.
+Writes are atomic: local ones go to a short hidden temp name, then os.replace; an S3 object appears
+only whole. pyarrow cannot abort an upload it has started (its streams complete on close, even from a
+destructor: apache/arrow#40502), so `open_write` spools to a local temp file and uploads on a clean exit.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import io
 import logging
 import os
-import random
 import secrets
-import time
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import BinaryIO, Iterator, Sequence
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-_TMP_SUFFIX = ".samsr-tmp"   # in-progress local writes; never listed
-_MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
-_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-                    "TooManyRequestsException", "RequestTimeout", "RequestTimeoutException",
-                    "InternalError", "ServiceUnavailable", "500", "502", "503", "504"}
+_TMP_SUFFIX = ".samsr-tmp"   # in-progress local writes and S3 spools; never listed
+CHUNK = 8 << 20              # bytes per streamed copy request; in-memory spool limit of open_write
+READ_BUFFER = 1 << 20        # open_read's buffer: small reads fetch this much (larger reads go straight)
+S3_MAX_ATTEMPTS = 4          # per request, retries included (AwsStandardS3RetryStrategy); AWS_MAX_ATTEMPTS wins
+S3_CONNECT_TIMEOUT_S = 3.0   # TCP connect: a dead endpoint fails in seconds, not minutes
+S3_REQUEST_TIMEOUT_S = 10.0  # curl's low-speed limit: a request with no bytes moving for this long fails
+_MISSING_MARKS = ("NO_SUCH_BUCKET", "NO_SUCH_KEY", "RESOURCE_NOT_FOUND")
 
 
 class StorageError(OSError):
@@ -107,65 +113,7 @@ def relative_key(base: str, uri: str) -> str:
     return safe_key(path[len(prefix):])
 
 
-# ---------------------------------------------------------------- retries
-
-def _error_code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        err = response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-        return code or status
-    return ""
-
-
-def is_missing(exc: BaseException) -> bool:
-    """True for 'no such object/file' errors, which are never retried."""
-    return isinstance(exc, FileNotFoundError) or _error_code(exc) in _MISSING_CODES
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Throttling, 5xx and dropped connections: worth another attempt."""
-    if is_missing(exc):
-        return False
-    if _error_code(exc) in _TRANSIENT_CODES:
-        return True
-    if isinstance(exc, (ConnectionError, TimeoutError)):   # incl. ConnectionResetError
-        return True
-    try:
-        import botocore.exceptions as bce
-    except ImportError:  # pragma: no cover - boto3 is a dependency
-        return False
-    return isinstance(exc, (bce.ConnectionError, bce.HTTPClientError, bce.ResponseStreamingError))
-
-
-_JITTER = random.Random()   # backoff jitter only; never feeds results
-
-
-def with_retries(fn: Callable[[], T], attempts: int = 5, *, base_delay: float = 0.2,
-                 max_delay: float = 10.0, what: str = "",
-                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> T:
-    """Call `fn()`; on a transient error retry with exponential backoff and full jitter.
-
-    Waits uniform(0, min(max_delay, base_delay * 2**i)) before retry i+1; at most `attempts` calls.
-    Missing objects and other errors propagate at once.
-    """
-    if attempts < 1:
-        raise ValueError(f"attempts={attempts} must be >= 1")
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            if attempt == attempts or not is_transient(exc):
-                raise
-            delay = (rng or _JITTER).uniform(0.0, min(max_delay, base_delay * 2 ** (attempt - 1)))
-            log.warning("transient storage error on %s (attempt %d/%d, retry in %.2fs): %s",
-                        what or "storage call", attempt, attempts, delay, _error_code(exc) or type(exc).__name__)
-            sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-# ---------------------------------------------------------------- S3 clients
+# ---------------------------------------------------------------- the S3 filesystem and its errors
 
 def endpoint_url() -> str | None:
     """The S3 endpoint override from the environment, or None for AWS itself."""
@@ -176,36 +124,34 @@ def region() -> str:
     return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
 
 
-def _where(uri: str) -> str:
-    return f"{uri} (endpoint {endpoint_url() or 'AWS default'})"
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str:
+    try:   # one unauthenticated HEAD to AWS; only when neither the region nor an endpoint is set
+        return pafs.resolve_s3_region(bucket)
+    except (OSError, ValueError):
+        return "us-east-1"
 
 
-@functools.lru_cache(maxsize=8)
-def _client_for(pid: int, endpoint: str | None, region_name: str, identity: str):
-    # Keyed by pid (clients must not cross a fork) and by the environment they were built from.
-    import boto3
-    from botocore.config import Config
+@functools.lru_cache(maxsize=16)
+def _s3_for(pid: int, endpoint: str | None, region_name: str, identity: str, attempts: int) -> pafs.S3FileSystem:
+    # Keyed by pid (the AWS SDK must not cross a fork) and by the environment it was built from.
+    kwargs: dict = dict(region=region_name, connect_timeout=S3_CONNECT_TIMEOUT_S,
+                        request_timeout=S3_REQUEST_TIMEOUT_S,
+                        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
+                        background_writes=False,   # True queues every part in memory until it is sent
+                        allow_delayed_open=True)   # an object under one part is a single PUT
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pafs.S3FileSystem(**kwargs)
 
-    cfg = Config(region_name=region_name, connect_timeout=10, read_timeout=60,
-                 retries={"total_max_attempts": 1, "mode": "standard"},   # with_retries decides
-                 s3={"addressing_style": "path"} if endpoint else None)
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
 
-
-def _client():
+def _s3(bucket: str) -> pafs.S3FileSystem:
+    pinned = endpoint_url() or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
     identity = hashlib.sha256(f"{os.environ.get('AWS_PROFILE', '')}|{os.environ.get('AWS_ACCESS_KEY_ID', '')}"
                               .encode()).hexdigest()
-    return _client_for(os.getpid(), endpoint_url(), region(), identity)
-
-
-def _s3_call(uri: str, what: str, fn: Callable[[], T]) -> T:
-    """Run an S3 call with retries, mapping failures to StorageError/ObjectNotFound naming the URI."""
-    try:
-        return with_retries(fn, what=f"{what} {uri}")
-    except Exception as exc:
-        if is_missing(exc):
-            raise ObjectNotFound(f"{what}: no such object {_where(uri)}") from exc
-        raise StorageError(f"{what} failed for {_where(uri)}: {_error_code(exc) or exc}") from exc
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS)
+    return _s3_for(os.getpid(), endpoint_url(), region() if pinned else _bucket_region(bucket), identity, attempts)
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -213,15 +159,93 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if not is_s3(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     bucket, key = _split(uri)
-    kwargs: dict = {"region": region(), "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5)}
-    endpoint = endpoint_url()
-    if endpoint:
-        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
-    return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+    return _s3(bucket), f"{bucket}/{key}".rstrip("/")
 
 
-# ---------------------------------------------------------------- bytes in and out
+def _object(uri: str, what: str) -> tuple[pafs.FileSystem, str]:
+    """`filesystem(uri)` for a URI that must name an object, not a bare bucket."""
+    fs, path = filesystem(uri)
+    if "/" not in path:
+        raise StorageError(f"{what}: {uri!r} names a bucket, not an object")
+    return fs, path
+
+
+def _where(uri: str) -> str:
+    return f"{uri} (endpoint {endpoint_url() or 'AWS default'})" if is_s3(uri) else os.path.abspath(uri)
+
+
+def is_missing(exc: BaseException) -> bool:
+    """True for 'no such object/file/bucket' errors (pyarrow's and the OS's)."""
+    return isinstance(exc, FileNotFoundError) or any(m in str(exc) for m in _MISSING_MARKS)
+
+
+@contextlib.contextmanager
+def _mapped(what: str, uri: str) -> Iterator[None]:
+    """Turn OS/pyarrow errors into ObjectNotFound/StorageError naming the URI and endpoint."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        if is_missing(exc):
+            raise ObjectNotFound(f"{what}: no such {'object' if is_s3(uri) else 'file'} {_where(uri)}") from exc
+        raise StorageError(f"{what} failed for {_where(uri)}: {exc}") from exc
+
+
+# ---------------------------------------------------------------- streams
+
+def open_read(uri: str) -> BinaryIO:
+    """A readable, seekable binary stream over `uri` (use `with`); a missing object fails here. On S3 each
+    read is one ranged GET (small ones fetch `READ_BUFFER` bytes): memory stays bounded at any size."""
+    if not is_s3(uri):
+        with _mapped("read", uri):
+            return open(uri, "rb")
+    fs, path = _object(uri, "read")
+    with _mapped("read", uri):
+        return io.BufferedReader(fs.open_input_file(path), buffer_size=READ_BUFFER)   # HEAD, no GET yet
+
+
+@contextlib.contextmanager
+def open_write(uri: str) -> Iterator[BinaryIO]:
+    """`with open_write(uri) as f: f.write(chunk)`: the object/file appears, whole, only when the block
+    exits cleanly; after an exception nothing was written. Memory stays bounded: a local file is written
+    as you go (temp name, then renamed); an S3 stream is spooled to a hidden temp file under TMPDIR and
+    uploaded at the end, as one PUT up to `CHUNK` bytes, else as a multipart upload."""
+    if not is_s3(uri):
+        path = Path(uri)
+        with _mapped("write", uri):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _tmp_path(path)
+            f = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")   # umask applies
+        try:
+            with f:
+                yield f
+                with _mapped("write", uri):
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)   # same directory, just written: nothing to map
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    fs, path = _object(uri, "write")
+    with tempfile.NamedTemporaryFile(prefix=".", suffix=_TMP_SUFFIX) as spool:
+        yield spool
+        spool.flush()
+        with _mapped("write", uri):
+            if os.fstat(spool.fileno()).st_size <= CHUNK:
+                _put(fs, path, Path(spool.name).read_bytes())
+            else:   # one C++ call streams the spool into a multipart upload, one part in memory
+                pafs.copy_files(spool.name, path, source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=fs, chunk_size=CHUNK)
+
+
+def _put(fs: pafs.S3FileSystem, path: str, data) -> None:
+    # One write call, then close: no code of ours runs between parts, so the object appears whole or not at
+    # all (a failed part fails the close). `data` is checked first: an opened stream is published on close.
+    view = memoryview(data)
+    with fs.open_output_stream(path) as out:
+        out.write(view)
+
 
 def _tmp_path(path: Path) -> Path:
     """A short, hidden, unique temp name next to `path` (same file system, so the rename is atomic). Its
@@ -230,41 +254,19 @@ def _tmp_path(path: Path) -> Path:
 
 
 def read_bytes(uri: str) -> bytes:
-    if is_s3(uri):
-        bucket, key = _split(uri)
-        return _s3_call(uri, "read", lambda: _client().get_object(Bucket=bucket, Key=key)["Body"].read())
-    try:
-        return Path(uri).read_bytes()
-    except FileNotFoundError as exc:
-        raise ObjectNotFound(f"read: no such file {os.path.abspath(uri)}") from exc
-    except OSError as exc:
-        raise StorageError(f"read failed for {uri}: {exc}") from exc
+    with open_read(uri) as f:   # on S3: one HEAD and one GET
+        return f.read()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Atomic write: readers see the old object or the whole new one (one PUT / temp + rename)."""
-    if is_s3(uri):
-        bucket, key = _split(uri)
-        if not key:
-            raise StorageError(f"write: {uri!r} names a bucket, not an object")
-        _s3_call(uri, "write", lambda: _client().put_object(Bucket=bucket, Key=key, Body=data))
+    """Atomic write: readers see the old object or the whole new one (temp + rename / one upload)."""
+    if not is_s3(uri):
+        with open_write(uri) as f, _mapped("write", uri):
+            f.write(data)
         return
-    path = Path(uri)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_path(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # umask applies
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise StorageError(f"write failed for {uri}: {exc}") from exc
+    fs, path = _object(uri, "write")
+    with _mapped("write", uri):
+        _put(fs, path, data)
 
 
 def read_text(uri: str, encoding: str = "utf-8") -> str:
@@ -275,44 +277,62 @@ def write_text(uri: str, text: str, encoding: str = "utf-8") -> None:
     write_bytes(uri, text.encode(encoding))
 
 
+def copy_to_local(uri: str, dest: str | os.PathLike) -> Path:
+    """Copy the object/file at `uri` to the local path `dest` in `CHUNK`-sized pieces (never the whole
+    object in memory); `dest` appears only when complete (temp name, then renamed)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(dest)
+    try:
+        with _mapped("download", uri):
+            if is_s3(uri):
+                fs, path = _object(uri, "download")
+                with fs.open_input_stream(path) as src, open(tmp, "wb") as out:
+                    while chunk := src.read(CHUNK):
+                        out.write(chunk)
+            else:
+                shutil.copyfile(uri, tmp)
+            os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
 def exists(uri: str) -> bool:
-    """True if an object/file exists at `uri` (directories and prefixes are not objects)."""
+    """True if an object/file exists at `uri` (prefixes are not objects; a bare `s3://bucket` is)."""
     if not is_s3(uri):
         return os.path.isfile(uri)
-    bucket, key = _split(uri)
-    try:
-        if key:
-            _s3_call(uri, "exists", lambda: _client().head_object(Bucket=bucket, Key=key))
-        else:
-            _s3_call(uri, "exists", lambda: _client().head_bucket(Bucket=bucket))
-        return True
-    except ObjectNotFound:
-        return False
+    fs, path = filesystem(uri)
+    with _mapped("exists", uri):
+        kind = fs.get_file_info(path).type
+    return kind == pafs.FileType.File or (kind == pafs.FileType.Directory and "/" not in path)
 
 
 def size(uri: str) -> int:
     """Size in bytes of the object/file at `uri`."""
-    if is_s3(uri):
-        bucket, key = _split(uri)
-        return int(_s3_call(uri, "size", lambda: _client().head_object(Bucket=bucket, Key=key))["ContentLength"])
-    try:
-        return os.path.getsize(uri)
-    except FileNotFoundError as exc:
-        raise ObjectNotFound(f"size: no such file {os.path.abspath(uri)}") from exc
+    if not is_s3(uri):
+        with _mapped("size", uri):
+            return os.path.getsize(uri)
+    fs, path = _object(uri, "size")
+    with _mapped("size", uri):
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(path)
+        return int(info.size)
 
 
 def delete(uri: str) -> None:
-    """Delete one object/file; no error if it is already gone."""
-    if is_s3(uri):
-        bucket, key = _split(uri)
-        _s3_call(uri, "delete", lambda: _client().delete_object(Bucket=bucket, Key=key))
-        return
+    """Delete one object/file; no error if it is already gone. (On S3 pyarrow then leaves an empty
+    `parent/` marker object when the prefix would otherwise vanish; `list_files` never returns those.)"""
     try:
-        os.remove(uri)
-    except FileNotFoundError:
+        with _mapped("delete", uri):
+            if is_s3(uri):
+                fs, path = _object(uri, "delete")
+                fs.delete_file(path)
+            else:
+                os.remove(uri)
+    except ObjectNotFound:
         pass
-    except OSError as exc:
-        raise StorageError(f"delete failed for {uri}: {exc}") from exc
 
 
 def _matches(name: str, suffixes: Sequence[str] | None) -> bool:
@@ -320,11 +340,9 @@ def _matches(name: str, suffixes: Sequence[str] | None) -> bool:
 
 
 def list_files(uri: str, suffixes: Sequence[str] | None = None) -> list[str]:
-    """All files under a directory / s3:// prefix, recursively, as sorted full URIs.
-
-    `suffixes` filters case-insensitively (`[".png", ".jpg"]`); a missing prefix gives []. A `uri`
-    that is itself a file/object gives [uri].
-    """
+    """All files under a directory / s3:// prefix, recursively, as sorted full URIs. `suffixes` filters
+    case-insensitively (`[".png", ".jpg"]`); a missing prefix or bucket gives []; a `uri` that is itself a
+    file/object gives [uri]. Temp files of unfinished writes and S3 `dir/` markers are never listed."""
     if isinstance(suffixes, str):
         suffixes = [suffixes]
     if not is_s3(uri):
@@ -336,22 +354,13 @@ def list_files(uri: str, suffixes: Sequence[str] | None = None) -> list[str]:
             out.extend(os.path.join(root, f) for f in files
                        if not f.endswith(_TMP_SUFFIX) and _matches(f, suffixes))
         return sorted(out)
-    bucket, key = _split(uri)
-    prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-
-    def page_all() -> list[str]:
-        keys = []
-        for page in _client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            keys.extend(obj["Key"] for obj in page.get("Contents", []))
-        return keys
-
-    try:
-        keys = _s3_call(uri, "list", page_all)
-    except ObjectNotFound:  # missing bucket
-        return []
-    out = [f"s3://{bucket}/{k}" for k in keys if not k.endswith("/") and _matches(k, suffixes)]
-    if not keys and key and exists(uri):
-        out = [uri] if _matches(key, suffixes) else []
+    fs, path = filesystem(uri)
+    with _mapped("list", uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    out = [f"s3://{i.path}" for i in infos if i.type == pafs.FileType.File
+           and not i.path.endswith(_TMP_SUFFIX) and _matches(i.path, suffixes)]
+    if not infos and _split(uri)[1].strip("/") and exists(uri):
+        out = [uri] if _matches(uri, suffixes) else []
     return sorted(out)
 
 
@@ -365,32 +374,26 @@ def fetch_to_local(uri: str, cache_dir: str | os.PathLike | None = None) -> Path
     """A local path for `uri`: local paths as they are; s3:// objects downloaded once into a cache.
 
     The cache entry is keyed by a hash of endpoint + URI and keeps the object's file name; a cached
-    copy is returned without contacting S3. Downloads go to a temp name and are renamed when whole.
+    copy is returned without contacting S3. Downloads stream to a temp name and are renamed when whole.
     """
     if not is_s3(uri):
         path = Path(uri).expanduser()
         if not path.exists():
             raise ObjectNotFound(f"no such file: looked at {path.resolve()} (from {uri!r})")
         return path
-    bucket, key = _split(uri)
+    _, key = _split(uri)
     digest = hashlib.sha256(f"{endpoint_url() or ''}|{uri}".encode()).hexdigest()[:24]
     target = Path(cache_dir or default_cache_dir()).expanduser() / digest / (Path(key).name or "object")
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(target)
-    try:
-        _s3_call(uri, "download", lambda: _client().download_file(bucket, key, str(tmp)))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    copy_to_local(uri, target)
     log.info("downloaded %s to %s", _where(uri), target)
     return target
 
 
 __all__ = [
     "StorageError", "ObjectNotFound", "is_s3", "join", "safe_key", "relative_key", "filesystem",
-    "read_bytes", "write_bytes", "read_text", "write_text", "exists", "size", "delete", "list_files",
-    "fetch_to_local", "default_cache_dir", "with_retries", "is_transient", "is_missing",
-    "endpoint_url", "region",
+    "read_bytes", "write_bytes", "read_text", "write_text", "open_read", "open_write", "copy_to_local",
+    "exists", "size", "delete", "list_files", "fetch_to_local", "default_cache_dir",
+    "is_missing", "endpoint_url", "region", "CHUNK",
 ]

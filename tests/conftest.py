@@ -4,7 +4,9 @@ Kept light at import time: torch is imported inside the fixtures that need it.""
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -88,7 +90,6 @@ def ray_local(s3):
 
     Depends on `s3` so that workers start with the moto endpoint and credentials in their environment.
     """
-    import secrets
     import shutil
     import tempfile
 
@@ -112,3 +113,51 @@ def ray_local(s3):
             ray.shutdown()
             shutil.rmtree(temp, ignore_errors=True)
     RayConfig.initialize("")
+
+
+def files_holding(folder: Path, needle: bytes) -> list[str]:
+    """Regular files under `folder` whose bytes contain `needle`."""
+    hits = []
+    for path in Path(folder).rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                hits.append(str(path))
+        except OSError:
+            continue
+    return hits
+
+
+@dataclass
+class RayHeadNode:
+    """The session's `ray start --head` node. `secret` is the node's AWS_SECRET_ACCESS_KEY: it lives only
+    in the head's own environment (what every job's driver and workers inherit from the raylet)."""
+    head: services.RayHead
+    workdir: Path          # the head's log (ray-head.log); Ray's own files are under head.temp_dir
+    secret: str
+
+    def leaks(self) -> list[str]:
+        """Files of this head (its log folder and Ray's whole temp/session dir) that hold the secret."""
+        return files_holding(self.workdir, self.secret.encode()) + files_holding(Path(self.head.temp_dir),
+                                                                                 self.secret.encode())
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3, tmp_path_factory):
+    """One local Ray head (services.start_ray_head: 127.0.0.1, free ports, token auth, 4 logical CPUs) for
+    the tests that submit jobs with `ray job submit`, stopped at the end of the session.
+
+    Like a cluster node, its environment holds S3 credentials for the moto server with a fresh random
+    secret key (tests/test_secrets.py checks that no file Ray writes holds it). At the end of the session,
+    after every job submitted to it, the secret is searched for once more in all of the head's files.
+    """
+    secret = f"samsr-test-secret-{secrets.token_hex(8)}"
+    node = {"AWS_ACCESS_KEY_ID": "samsr-test-key", "AWS_SECRET_ACCESS_KEY": secret, "AWS_ENDPOINT_URL": s3.url,
+            "AWS_DEFAULT_REGION": "us-east-1"}
+    workdir = tmp_path_factory.mktemp("ray-head")
+    shared = RayHeadNode(head=services.start_ray_head(workdir, num_cpus=4, env=node), workdir=workdir, secret=secret)
+    try:
+        yield shared
+        leaked = shared.leaks()
+        assert leaked == [], f"the Ray head's secret key is in files Ray wrote during the session: {leaked}"
+    finally:
+        shared.head.stop()

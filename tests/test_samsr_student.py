@@ -226,9 +226,14 @@ def test_briefly_trained_student_beats_bicubic_on_a_held_out_photo(two_torch_thr
     assert len(calls) == 1                              # infer.tile = 0: one tile batch, one call
     psnr = {"bicubic": metrics.psnr_y(images.to_uint8(images.upscale(lr, 4))[0], held.hr, 4),
             "student": metrics.psnr_y(images.to_uint8(sr)[0], held.hr, 4)}
-    for name, det in (("teacher", False), ("teacher_det", True)):
-        out = teacher.super_resolve(lr, generator=torch.Generator().manual_seed(0), deterministic=det)
-        psnr[name] = metrics.psnr_y(images.to_uint8(out)[0], held.hr, 4)
     print(f"\nPSNR-Y on camera (border 4): {', '.join(f'{k} {v:.3f}' for k, v in psnr.items())}; "
           f"teacher {t1 - t0:.0f}s, student {t2 - t1:.0f}s, eval {time.perf_counter() - t2:.0f}s")
-    assert psnr["student"] > psnr["bicubic"], psnr
+
+    def with_the_teachers_samples() -> dict[str, float]:
+        """For the failure message only (2 x 15 teacher steps on the 512 px photo): what the student distils."""
+        for name, det in (("teacher", False), ("teacher_det", True)):
+            out = teacher.super_resolve(lr, generator=torch.Generator().manual_seed(0), deterministic=det)
+            psnr[name] = metrics.psnr_y(images.to_uint8(out)[0], held.hr, 4)
+        return psnr
+
+    assert psnr["student"] > psnr["bicubic"], with_the_teachers_samples()

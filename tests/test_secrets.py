@@ -2,15 +2,17 @@
 checkpoints, `_stats.json` or MLflow params; an MLflow server that does not answer fails in seconds."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import secrets
+import re
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import files_holding
 from pipelines import services
 from pipelines.rayenv import worker_env
 from pipelines.tracking import check_tracking_reachable, run_params
@@ -164,7 +166,7 @@ def test_train_and_eval_refuse_an_unreachable_mlflow_up_front(tmp_path):
 # ---------------------------------------------------------------- Ray: runtime_env and logs
 
 DRIVER = '''
-import json, ray
+import hashlib, json, ray
 from pipelines.rayenv import ensure_ray
 
 ensure_ray()
@@ -173,53 +175,48 @@ ensure_ray()
 def read(uri):
     import os
     from samsr import storage
-    return storage.read_bytes(uri).decode(), ray.get_runtime_context().runtime_env.get("env_vars", {{}}), os.getpid()
+    key = hashlib.sha256(os.environ.get("AWS_SECRET_ACCESS_KEY", "").encode()).hexdigest()   # never the key itself
+    return (storage.read_bytes(uri).decode(), ray.get_runtime_context().runtime_env.get("env_vars", {{}}),
+            os.getpid(), key)
 
-text, worker_vars, pid = ray.get(read.remote({uri!r}))
+text, worker_vars, pid, key = ray.get(read.remote({uri!r}))
 driver_vars = ray.get_runtime_context().runtime_env.get("env_vars", {{}})
-print("RESULT " + json.dumps({{"text": text, "worker_vars": worker_vars, "driver_vars": driver_vars, "pid": pid}}))
+print("RESULT " + json.dumps({{"text": text, "worker_vars": worker_vars, "driver_vars": driver_vars, "pid": pid,
+                              "key_sha256": key}}))
 '''
 
 
-def files_holding(folder: Path, needle: bytes) -> list[str]:
-    hits = []
-    for path in folder.rglob("*"):
-        try:
-            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
-                hits.append(str(path))
-        except OSError:
-            continue
-    return hits
 
 
 @pytest.mark.slow
-def test_a_submitted_job_reads_s3_while_its_secret_stays_out_of_ray(s3, tmp_path):
-    """The cluster way: the head holds the credentials in its own environment; a job submitted with
-    `ray job submit` connects through `ensure_ray` (what every samsr job does), its worker reads from
-    the moto S3, and the secret is in no runtime_env and no file Ray writes."""
-    secret = f"samsr-test-secret-{secrets.token_hex(8)}"
+def test_a_submitted_job_reads_s3_while_its_secret_stays_out_of_ray(s3, ray_head, tmp_path):
+    """The cluster way: the head (tests/conftest.py `ray_head`, shared by the session's `ray job submit`
+    tests) holds the credentials in its own environment; a job submitted with `ray job submit` connects
+    through `ensure_ray` (what every samsr job does), its worker reads from the moto S3 with the node's
+    secret key in its environment, and the secret is in no runtime_env and no file Ray writes."""
+    head, secret = ray_head.head, ray_head.secret
     bucket = s3.bucket("secrets-test")
     s3.client().put_object(Bucket="secrets-test", Key="hello.txt", Body=b"hello from moto")
-    node = {"AWS_ACCESS_KEY_ID": "samsr-test-key", "AWS_SECRET_ACCESS_KEY": secret, "AWS_ENDPOINT_URL": s3.url,
-            "AWS_DEFAULT_REGION": "us-east-1"}
-    head = services.start_ray_head(tmp_path / "head", num_cpus=2, env=node)
-    try:
-        driver = tmp_path / "driver.py"
-        driver.write_text(DRIVER.format(uri=f"{bucket}/hello.txt"))
-        proc = head.submit([sys.executable, str(driver)], timeout=300)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0, out[-3000:]
-        result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-        assert result["text"] == "hello from moto"                       # the worker reached S3 with the node's keys
-        assert result["worker_vars"]["AWS_ENDPOINT_URL"] == s3.url       # settings still travel
-        for env_vars in (result["worker_vars"], result["driver_vars"]):
-            assert "AWS_SECRET_ACCESS_KEY" not in env_vars and secret not in json.dumps(env_vars)
-        logs = Path(head.temp_dir) / "session_latest" / "logs"
-        assert logs.is_dir() and any(logs.glob("runtime_env_agent*.log"))
-        assert files_holding(Path(head.temp_dir), secret.encode()) == []
-        assert files_holding(tmp_path / "head", secret.encode()) == []
-    finally:
-        head.stop()
+    assert secret not in json.dumps(dict(os.environ))         # this test's own process never had it
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(uri=f"{bucket}/hello.txt"))
+    proc = head.submit([sys.executable, str(driver)], timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    assert result["text"] == "hello from moto"                       # the worker reached S3 with the node's keys
+    assert result["key_sha256"] == hashlib.sha256(secret.encode()).hexdigest()   # inherited from the raylet
+    assert result["worker_vars"]["AWS_ENDPOINT_URL"] == s3.url       # settings still travel
+    for env_vars in (result["worker_vars"], result["driver_vars"]):
+        assert "AWS_SECRET_ACCESS_KEY" not in env_vars and secret not in json.dumps(env_vars)
+    assert secret not in out
+    # after this job, in the whole of Ray's temp dir (every session file and log of the head) and its log
+    logs = Path(head.temp_dir) / "session_latest" / "logs"
+    (job_id,) = set(re.findall(r"raysubmit_[A-Za-z0-9]+", out))
+    assert "RESULT " in (logs / f"job-driver-{job_id}.log").read_text()       # this job's own log is searched
+    assert any(logs.glob("runtime_env_agent*.log"))
+    assert files_holding(Path(head.temp_dir), secret.encode()) == []
+    assert files_holding(ray_head.workdir, secret.encode()) == [] and (ray_head.workdir / "ray-head.log").is_file()
 
 
 def test_in_process_ray_workers_inherit_the_credentials_without_a_runtime_env(s3, ray_local):

@@ -16,6 +16,7 @@ import skimage.data
 from pipelines import cli
 from pipelines import shard as shard_job
 from pipelines import shard_resume as resume
+from pipelines import shard_stages as stages
 from samsr import config, images, locations, storage
 from samsr.shards import format as fmt
 from test_images import encode, png_header_only
@@ -33,21 +34,18 @@ def cfg_for(inp, out, *sets: str, preset: str = "samdiffsr"):
 
 
 def shard_in_process(cfg) -> dict:
-    """`shard_job.run` with its Ray stream replaced by the same stages called here, one shard at a time."""
+    """`shard_job.run` with its Ray tasks and actors replaced by the same stages called here, one shard at a time."""
     shard_job.check_job(cfg)
     cfg = shard_job._normalized(cfg)
     plan, new = shard_job.load_or_build_plan(cfg)
     why = resume.check_finished(cfg.shard.output, plan)
-    writer = shard_job.ShardWriter(cfg.shard.output, plan, sorted(why), cfg.shard.preview)
     cfg_dict = config.to_dict(cfg)
-    actor = shard_job.SegmentActor(cfg_dict)
+    actor = stages.SegmentActor(cfg_dict)
     for sid in sorted(why):
-        rows = [shard_job.decode_row({"uri": e.uri, "key": e.key, "shard": sid, "index": i}, cfg_dict)
+        rows = [stages.decode_row({"uri": e.uri, "key": e.key, "shard": sid, "index": i}, cfg_dict)
                 for i, e in enumerate(plan.shards[sid])]
-        out = actor({k: [r[k] for r in rows] for k in rows[0]})
-        for i in range(len(rows)):
-            writer.add({k: out[k][i] for k in out})
-    return shard_job._write_totals(cfg, plan, len(writer.written), sum(len(plan.shards[i]) for i in why), 1.0,
+        stages.write_shard(cfg.shard.output, sid, cfg.shard.preview, actor.segment(*rows))
+    return shard_job._write_totals(cfg, plan, len(why), sum(len(plan.shards[i]) for i in why), 1.0,
                                    {"shards_rebuilt_this_run": resume.count_reasons(list(why.values())),
                                     "images_not_in_plan": len(new)})
 
@@ -206,6 +204,6 @@ def test_decode_reservation_follows_the_pixel_limit_and_oversize_is_recorded(tmp
     # call it truncated) and recorded as too_large
     (tmp_path / "huge.png").write_bytes(png_header_only(8000, 7000))          # 56 Mpx
     cfg_dict = config.to_dict(cfg_for(tmp_path, tmp_path / "out"))
-    row = shard_job.decode_row({"uri": str(tmp_path / "huge.png"), "key": "k", "shard": 0, "index": 0}, cfg_dict)
+    row = stages.decode_row({"uri": str(tmp_path / "huge.png"), "key": "k", "shard": 0, "index": 0}, cfg_dict)
     assert (row["status"], row["reason"]) == ("failed", "too_large") and "56000000 px" in row["message"]
     assert row["reason"] in resume.KNOWN_BAD

@@ -196,26 +196,23 @@ def test_kill_midway_then_rerun_gives_the_uninterrupted_bytes(local_input, refer
 
 
 @pytest.mark.slow
-def test_ray_job_submit_to_a_local_head_gives_the_same_bytes(local_input, reference_run, tmp_path):
-    head = services.start_ray_head(tmp_path / "head", num_cpus=4)
-    try:
-        out = tmp_path / "job-out"
-        sets = [*SUPERPIXEL, f"shard.input={local_input}", f"shard.output={out}", "shard.samples_per_shard=4",
-                "shard.actors=2", "shard.cpus_per_actor=0.5", "shard.batch_size=2"]
-        argv = [sys.executable, "-m", "pipelines.shard", "--config", "samdiffsr"]
-        for s in sets:
-            argv += ["--set", s]
-        proc = head.submit(argv, timeout=300)
-        env = {**__import__("os").environ, **head.client_env()}
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "succeeded" in proc.stdout + proc.stderr
-        assert read_shards(str(out)) == read_shards(str(reference_run))
-        # token auth is on: the job API refuses a client without the token
-        bad = subprocess.run([services.venv_script("ray"), "job", "list", "--address", head.url],
-                             env={**env, "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True, timeout=60)
-        assert bad.returncode != 0
-    finally:
-        head.stop()
+def test_ray_job_submit_to_a_local_head_gives_the_same_bytes(local_input, reference_run, tmp_path, ray_head):
+    head = ray_head.head                                  # tests/conftest.py: one token-auth head per session
+    out = tmp_path / "job-out"
+    sets = [*SUPERPIXEL, f"shard.input={local_input}", f"shard.output={out}", "shard.samples_per_shard=4",
+            "shard.actors=2", "shard.cpus_per_actor=0.5", "shard.batch_size=2"]
+    argv = [sys.executable, "-m", "pipelines.shard", "--config", "samdiffsr"]
+    for s in sets:
+        argv += ["--set", s]
+    proc = head.submit(argv, timeout=300)
+    env = {**os.environ, **head.client_env()}
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+    assert read_shards(str(out)) == read_shards(str(reference_run))
+    # token auth is on: the job API refuses a client without the token
+    bad = subprocess.run([services.venv_script("ray"), "job", "list", "--address", head.url],
+                         env={**env, "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0
 
 
 @pytest.mark.slow

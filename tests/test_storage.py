@@ -1,10 +1,13 @@
 """samsr.storage against a real moto S3 server (session fixture `s3`) and a local temp dir."""
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
+import tempfile
+import time
 
 import pytest
-from botocore.exceptions import ClientError
 
 from samsr import storage
 from samsr.storage import ObjectNotFound, StorageError
@@ -169,47 +172,135 @@ def test_join_and_relative_key(tmp_path):
     assert storage.is_s3("s3://b/k") and not storage.is_s3("/tmp/s3://x")
 
 
-def _client_error(code: str, status: int) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": code},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+MB = 1 << 20
 
 
-def test_with_retries_retries_transient_then_succeeds():
-    calls, sleeps = [], []
-    errors = [_client_error("SlowDown", 503), ConnectionResetError("reset by peer")]
-
-    def flaky():
-        calls.append(1)
-        if errors:
-            raise errors.pop(0)
-        return "ok"
-
-    assert storage.with_retries(flaky, attempts=5, base_delay=0.5, sleep=sleeps.append) == "ok"
-    assert len(calls) == 3 and len(sleeps) == 2
-    assert 0 <= sleeps[0] <= 0.5 and 0 <= sleeps[1] <= 1.0     # full jitter under 0.5·2^i
+def _blob(n: int, seed: int = 0) -> bytes:
+    """`n` deterministic, incompressible-looking bytes."""
+    out, i = bytearray(), 0
+    while len(out) < n:
+        out += hashlib.sha256(b"%d-%d" % (seed, i)).digest() * 1024
+        i += 1
+    return bytes(out[:n])
 
 
-@pytest.mark.parametrize("exc", [_client_error("NoSuchKey", 404), _client_error("404", 404),
-                                 FileNotFoundError("x"), ValueError("bug")])
-def test_with_retries_does_not_retry_missing_or_bugs(exc):
-    calls = []
-
-    def fails():
-        calls.append(1)
-        raise exc
-
-    with pytest.raises(type(exc)):
-        storage.with_retries(fails, attempts=5, sleep=lambda s: None)
-    assert len(calls) == 1
+@pytest.fixture
+def spool_dir(tmp_path, monkeypatch):
+    """Where open_write spools S3 streams (TMPDIR): a fresh folder, to check it is left empty."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
 
 
-def test_with_retries_gives_up_after_attempts():
-    calls = []
+def test_open_write_and_open_read_round_trip(root, spool_dir):
+    data = _blob(3 * MB + 17)
+    uri = storage.join(root, "stream", "obj.bin")
+    with storage.open_write(uri) as f:
+        for i in range(0, len(data), 1_000_003):
+            f.write(data[i:i + 1_000_003])
+    assert storage.size(uri) == len(data)
+    with storage.open_read(uri) as f:
+        assert f.read(10) == data[:10]
+        f.seek(2 * MB)
+        assert f.read(5) == data[2 * MB:2 * MB + 5]
+        f.seek(0)
+        got = b"".join(iter(lambda: f.read(MB), b""))
+    assert got == data and storage.read_bytes(uri) == data
+    dest = storage.copy_to_local(uri, spool_dir.parent / "copy" / "obj.bin")
+    assert dest.read_bytes() == data and os.listdir(dest.parent) == ["obj.bin"]
+    assert os.listdir(spool_dir) == []
 
-    def always_throttled():
-        calls.append(1)
-        raise _client_error("Throttling", 400)
 
-    with pytest.raises(ClientError):
-        storage.with_retries(always_throttled, attempts=4, sleep=lambda s: None)
-    assert len(calls) == 4
+def test_large_s3_writes_are_multipart_and_small_ones_one_put(s3, spool_dir):
+    client, bucket = s3.client(), s3.bucket("multipart")
+    big = _blob(18 * MB, seed=1)                      # pyarrow's part is 10 MB: two parts
+    storage.write_bytes(f"{bucket}/bytes.bin", big)
+    with storage.open_write(f"{bucket}/stream.bin") as f:
+        for i in range(0, len(big), 3 * MB):
+            f.write(big[i:i + 3 * MB])
+    with storage.open_write(f"{bucket}/small.bin") as f:
+        f.write(b"small")
+    etags = {k: client.head_object(Bucket="multipart", Key=k)["ETag"].strip('"')
+             for k in ("bytes.bin", "stream.bin", "small.bin")}
+    assert etags["bytes.bin"].endswith("-2") and etags["stream.bin"].endswith("-2")
+    assert "-" not in etags["small.bin"]              # one PUT, no multipart upload
+    assert storage.read_bytes(f"{bucket}/bytes.bin") == big
+    assert storage.read_bytes(f"{bucket}/stream.bin") == big
+    assert client.list_multipart_uploads(Bucket="multipart").get("Uploads", []) == []
+    assert os.listdir(spool_dir) == []
+
+
+def test_open_read_fetches_ranges_as_it_goes(s3):
+    uri = storage.join(s3.bucket("ranges"), "big.bin")
+    data = _blob(24 * MB, seed=2)
+    storage.write_bytes(uri, data)
+    with storage.open_read(uri) as f:
+        assert f.read(MB) == data[:MB]
+        s3.client().delete_object(Bucket="ranges", Key="big.bin")
+        with pytest.raises(OSError):     # the rest was never fetched: the next range finds no object
+            f.read(MB)
+
+
+@pytest.mark.parametrize("size", [100, 12 * MB])      # in one PUT / spilled to a spool file
+def test_failed_open_write_leaves_no_object_and_keeps_the_old_one(root, spool_dir, size):
+    fresh, kept = storage.join(root, "abort", "fresh.bin"), storage.join(root, "abort", "kept.bin")
+    storage.write_bytes(kept, b"old")
+    for uri in (fresh, kept):
+        with pytest.raises(RuntimeError, match="producer died"):
+            with storage.open_write(uri) as f:
+                f.write(_blob(size, seed=3))
+                raise RuntimeError("producer died")
+    assert not storage.exists(fresh) and storage.read_bytes(kept) == b"old"
+    assert storage.list_files(storage.join(root, "abort")) == [kept]
+    assert os.listdir(spool_dir) == []
+    if not storage.is_s3(root):
+        assert sorted(os.listdir(os.path.dirname(kept))) == ["kept.bin"]
+
+
+def test_write_to_a_missing_bucket_and_reads_of_missing_objects(s3, tmp_path):
+    uri = "s3://no-such-bucket-xyz/a/b.bin"
+    with pytest.raises(ObjectNotFound) as info:
+        storage.write_bytes(uri, b"x")
+    assert uri in str(info.value) and s3.url in str(info.value)
+    with pytest.raises(ObjectNotFound, match="no-such-bucket-xyz"):
+        with storage.open_write(uri) as f:
+            f.write(b"x")
+    missing = storage.join(s3.bucket("errs"), "nope.bin")
+    for call in (storage.open_read, lambda u: storage.copy_to_local(u, tmp_path / "x.bin")):
+        with pytest.raises(ObjectNotFound) as info:
+            call(missing)
+        assert missing in str(info.value) and s3.url in str(info.value)
+    assert not (tmp_path / "x.bin").exists()
+    with pytest.raises(StorageError, match="names a bucket"):
+        storage.write_bytes(s3.bucket("errs"), b"x")
+
+
+def test_dead_endpoint_fails_in_seconds_naming_uri_and_endpoint(s3, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")   # nothing listens on port 9
+    uri = "s3://any-bucket/x.bin"
+    for call in (storage.read_bytes, storage.exists, lambda u: storage.write_bytes(u, b"x")):
+        t0 = time.monotonic()
+        with pytest.raises(StorageError) as info:
+            call(uri)
+        assert time.monotonic() - t0 < 15
+        assert not isinstance(info.value, ObjectNotFound)
+        assert uri in str(info.value) and "http://127.0.0.1:9" in str(info.value)
+
+
+def test_one_filesystem_per_configuration(s3, monkeypatch):
+    fs_a, path = storage.filesystem(storage.join(s3.bucket("shared"), "a"))
+    fs_b, _ = storage.filesystem("s3://other/b")
+    assert fs_a is fs_b and path == "shared/a"             # one cached instance for our I/O and Ray Data
+    with fs_a.open_output_stream("shared/from-arrow.bin") as f:
+        f.write(b"arrow")
+    assert storage.read_bytes("s3://shared/from-arrow.bin") == b"arrow"
+    blob = pickle.dumps(fs_a)                               # what Ray ships to its workers
+    assert b"testing" not in blob                           # no credentials: each process uses its own chain
+    with pickle.loads(blob).open_input_file("shared/from-arrow.bin") as f:
+        assert f.read() == b"arrow"                         # the endpoint travels
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")
+    fs_c, _ = storage.filesystem("s3://shared/a")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    fs_d, _ = storage.filesystem("s3://shared/a")
+    assert len({id(fs_a), id(fs_c), id(fs_d)}) == 3         # other credentials or retries: other instances

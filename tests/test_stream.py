@@ -40,19 +40,17 @@ def write_shard(folder, index: int, keys: list[str], ok: int | None = None, **re
     return str(path)
 
 
-def test_empty_shards_are_left_out_and_ranks_get_shards_by_samples(tmp_path):
+def test_empty_shards_and_held_out_samples_are_left_out(tmp_path):
     empty = write_shard(tmp_path, 0, [], ok=0)
     big = write_shard(tmp_path, 1, [f"b{i}" for i in range(4)], ok=4)
     small = [write_shard(tmp_path, i, [f"s{i}"]) for i in (2, 3, 4)]          # no manifest: counted from the tar
     uris = stream.list_shards(str(tmp_path))
     counts = stream.shard_counts(uris)
     assert counts == {empty: 0, big: 4, small[0]: 1, small[1]: 1, small[2]: 1}
-    # round-robin would give rank 0 [empty, small0, small2] (2 samples) and rank 1 [big, small1] (5)
-    assert stream.assign_shards(counts, 2) == [[big], small]
-    assert stream.assign_shards(counts, 3) == [[big], [small[0], small[2]], [small[1]]]
-    assert stream.assign_shards(counts, 9) == [[big, *small]] * 9     # fewer shards than ranks: all read all
-    # the validation hold-out does not count: without the 4 held-out samples `big` feeds nobody
-    assert stream.assign_shards(counts, 2, {big: 4}) == [[small[0], small[2]], [small[1]]]
+    assert stream.usable_shards(counts) == {big: 4, small[0]: 1, small[1]: 1, small[2]: 1}
+    # the validation hold-out does not count: without its 4 held-out samples `big` feeds nobody
+    assert stream.usable_shards(counts, {big: 4}) == {small[0]: 1, small[1]: 1, small[2]: 1}
+    assert stream.usable_shards(counts, {big: 2}) == {big: 2, small[0]: 1, small[1]: 1, small[2]: 1}
     # a manifest's count is used without reading the tar; the stream itself reads tars and skips empty ones
     (tmp_path / "_manifest" / "shard-00002.json").write_text(json.dumps({"ok": 5}))
     assert stream.shard_counts([small[0], small[1]]) == {small[0]: 5, small[1]: 1}
@@ -66,7 +64,7 @@ def test_no_samples_anywhere_is_refused_before_any_worker_starts(tmp_path, capsy
     for i in range(3):
         write_shard(tmp_path, i, [], ok=0)
     with pytest.raises(stream.ShardDataError, match=r"no training samples for rank 0\.\.1: the 3 shard\(s\)"):
-        stream.assign_shards(stream.shard_counts(stream.list_shards(str(tmp_path))), 2, where=str(tmp_path))
+        stream.usable_shards(stream.shard_counts(stream.list_shards(str(tmp_path))), where=str(tmp_path), world=2)
     sets = [f"job.shards={tmp_path}", f"job.storage={tmp_path / 'runs'}", "job.num_workers=2", "train.batch_size=2"]
     args = ["--config", "samsr-teacher-tiny"] + [a for s in sets for a in ("--set", s)]
     assert train.main(args) == 2                                          # no Ray started: refused up front
@@ -78,7 +76,7 @@ def test_no_samples_anywhere_is_refused_before_any_worker_starts(tmp_path, capsy
     with pytest.raises(ValueError, match="would hold out all 1 samples"):
         train.plan_data(config.load("samsr-teacher-tiny", sets + ["job.val_images=1"]))
     plan = train.plan_data(config.load("samsr-teacher-tiny", sets + ["train.eval_every=0"]))
-    assert plan["ranks"] == [[str(tmp_path / "shard-00003.tar")]] * 2 and plan["holdout"] == []
+    assert plan["filled"] == [str(tmp_path / "shard-00003.tar")] and plan["holdout"] == []
 
 
 def test_a_corrupt_member_is_skipped_counted_and_logged(tmp_path, caplog):

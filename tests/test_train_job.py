@@ -46,7 +46,7 @@ def test_stream_reads_shards_into_batches(shards):
     assert [Path(u).name for u in uris] == ["shard-00000.tar", "shard-00001.tar"]
     counts = stream.shard_counts(uris)                       # no manifests here: counted from the tars
     assert counts == {uris[0]: 2, uris[1]: 2}
-    assert stream.assign_shards(counts, 2) == [[uris[0]], [uris[1]]] and stream.assign_shards(counts, 3) == [uris] * 3
+    assert stream.usable_shards(counts) == counts
     it = stream.batches(uris, batch_size=3, hr_crop=32, scale=4, seed=0, pool=2, crops_per_sample=2)
     first = next(it)
     assert first["hr"].shape == (3, 3, 32, 32) and first["lr"].shape == (3, 3, 8, 8)
@@ -302,28 +302,22 @@ def test_cli_flags_map_to_config_overrides_and_bad_splits_are_refused():
 
 
 @pytest.mark.slow
-def test_ray_job_submit_trains_on_a_local_head(mlflow_server, shards, tmp_path):
+def test_ray_job_submit_trains_on_a_local_head(mlflow_server, shards, tmp_path, ray_head):
     import sys
 
     from mlflow import MlflowClient
 
-    from pipelines import services
-
-    head = services.start_ray_head(tmp_path / "head", num_cpus=4)
-    try:
-        sets = [f"job.shards={shards}", f"job.storage={tmp_path / 'runs'}", "job.name=submitted",
-                "job.num_workers=2", f"job.tracking_uri={mlflow_server}", "job.experiment=train-job-submit",
-                "job.sample_pool=2", "train.iterations=2", "train.checkpoint_every=2", "train.batch_size=2",
-                "train.log_every=1",
-                "train.num_threads=1", "data.hr_crop=32"]
-        argv = [sys.executable, "-m", "pipelines.train", "--config", "samsr-teacher-tiny"]
-        for s in sets:
-            argv += ["--set", s]
-        proc = head.submit(argv, timeout=400)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "samsr train: done at step 2" in proc.stdout + proc.stderr
-    finally:
-        head.stop()
+    sets = [f"job.shards={shards}", f"job.storage={tmp_path / 'runs'}", "job.name=submitted",
+            "job.num_workers=2", f"job.tracking_uri={mlflow_server}", "job.experiment=train-job-submit",
+            "job.sample_pool=2", "train.iterations=2", "train.checkpoint_every=2", "train.batch_size=2",
+            "train.log_every=1",
+            "train.num_threads=1", "data.hr_crop=32"]
+    argv = [sys.executable, "-m", "pipelines.train", "--config", "samsr-teacher-tiny"]
+    for s in sets:
+        argv += ["--set", s]
+    proc = ray_head.head.submit(argv, timeout=400)       # tests/conftest.py: one token-auth head per session
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "samsr train: done at step 2" in proc.stdout + proc.stderr
     client = MlflowClient(mlflow_server)
     (run,) = client.search_runs([client.get_experiment_by_name("train-job-submit").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["job.name"] == "submitted"

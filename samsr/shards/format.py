@@ -12,7 +12,7 @@ import json
 import math
 import re
 import tarfile
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -196,15 +196,34 @@ def decode_members(members: Mapping[str, bytes], where: str = "") -> dict[str, A
     return {name: out[name] for name in members}
 
 
-def tar_bytes(samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> bytes:
-    """(key, {member: bytes}) in plan order -> tar bytes: members sorted per sample, fixed mtime, uid/gid 0.
+class HashingWriter:
+    """A write-only file object that passes bytes on to `out` and keeps their count and sha256."""
+
+    def __init__(self, out) -> None:
+        self.out, self.size, self._sha = out, 0, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        self._sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def write_tar(fileobj, samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> None:
+    """(key, {member: bytes}) in plan order -> a tar written to `fileobj` as it goes: members sorted per
+    sample, fixed mtime, uid/gid 0.
 
     The one function that makes a shard's bytes. Names within ustar's 100 bytes (all that
     `sample_key` makes) give plain ustar headers; a longer one gets a pax header instead of failing.
     """
-    buf = io.BytesIO()
     seen: set[str] = set()
-    with tarfile.open(fileobj=buf, mode="w", format=TAR_FORMAT) as tar:
+    with tarfile.open(fileobj=fileobj, mode="w", format=TAR_FORMAT) as tar:
         for key, members in samples:
             if key in seen or "." in key or "/" in key or not key:
                 raise ValueError(f"sample key {key!r} is empty, repeated or holds '.' or '/'; "
@@ -217,37 +236,64 @@ def tar_bytes(samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> bytes:
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
                 tar.addfile(info, io.BytesIO(data))
+
+
+def tar_bytes(samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> bytes:
+    """`write_tar` into memory."""
+    buf = io.BytesIO()
+    write_tar(buf, samples)
     return buf.getvalue()
 
 
-def read_tar(data: bytes, where: str = "") -> dict[str, dict[str, bytes]]:
-    """Tar bytes -> {key: {member: bytes}} in tar order (the inverse of `tar_bytes`).
+class MemberCut(ValueError):
+    """A member's bytes end early; `key` is the sample it belongs to (it may lack members)."""
 
-    Plain tar only (no gzip/bz2/xz: a shard is never compressed, and a compressed stream could expand
-    without bound); regular files only; a cut or damaged tar, a name without `<key>.<member>` or a
-    repeated member is a ValueError naming `where` (the shard) and the member.
-    """
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def tar_members(data: bytes, strict: bool = True) -> Iterator[tuple[str, str, bytes]]:
+    """(key, member, bytes) of each `<key>.<member>` file of a plain tar, in tar order (no gzip/bz2/xz: a
+    shard is never compressed, and a compressed stream could expand without bound). A tar that stops
+    without its end-of-archive blocks raises ValueError after its last whole member (tarfile stops
+    quietly at a cut between members); a cut inside a member raises MemberCut naming its sample; a
+    damaged header raises tarfile errors. `strict`:
+    anything but a regular file, or a name without `<key>.<member>`, is a ValueError; else skipped."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for info in tar:
+            key, _, name = info.name.partition(".")
+            if strict and not info.isfile():
+                raise ValueError(f"member {info.name!r} is not a regular file")
+            if strict and (not key or not name):
+                raise ValueError(f"member {info.name!r} is not named <key>.<member>")
+            if info.isfile():
+                try:
+                    blob = tar.extractfile(info).read()
+                except (tarfile.TarError, EOFError, OSError) as exc:
+                    raise MemberCut(str(exc), key) from None
+                yield key, name, blob
+        end = tar.offset                  # where the members stopped: the end-of-archive blocks follow
+        if data[end:end + tarfile.BLOCKSIZE] != tarfile.NUL * tarfile.BLOCKSIZE:
+            raise ValueError(f"the tar ends at byte {end} without its end-of-archive blocks (cut short?)")
+
+
+def read_tar(data: bytes, where: str = "") -> dict[str, dict[str, bytes]]:
+    """Tar bytes -> {key: {member: bytes}} in tar order (the inverse of `tar_bytes`), strictly: a cut or
+    damaged tar, a member that is not a file or not named `<key>.<member>`, or a repeated member is a
+    ValueError naming `where` (the shard) and the member."""
     label = f"{where}: " if where else ""
     out: dict[str, dict[str, bytes]] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    raise ValueError(f"member {info.name!r} is not a regular file")
-                key, _, name = info.name.partition(".")
-                if not key or not name:
-                    raise ValueError(f"member {info.name!r} is not named <key>.<member>")
-                if name in out.get(key, {}):
-                    raise ValueError(f"member {info.name!r} appears twice")
-                out.setdefault(key, {})[name] = tar.extractfile(info).read()
-            end = tar.offset                  # where the members stopped: the end-of-archive blocks follow
-            if data[end:end + tarfile.BLOCKSIZE] != tarfile.NUL * tarfile.BLOCKSIZE:
-                raise ValueError(f"it ends at byte {end} without the end-of-archive blocks (cut short?)")
+        for key, name, blob in tar_members(data):
+            if name in out.get(key, {}):
+                raise ValueError(f"member {key}.{name!r} appears twice")
+            out.setdefault(key, {})[name] = blob
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         raise ValueError(f"{label}not a whole plain tar ({len(data)} bytes): {exc}") from None
     return out
 
 
 __all__ = ["sample_key", "dumps", "png_bytes", "png_array", "npy_bytes", "npy_array", "structure_members",
-           "lrup_members", "decode_members", "tar_bytes", "read_tar", "TAR_MTIME", "MEMBERS_HR", "MEMBERS_LRUP",
+           "lrup_members", "decode_members", "tar_bytes", "write_tar", "HashingWriter", "tar_members", "read_tar", "TAR_MTIME", "MEMBERS_HR", "MEMBERS_LRUP",
            "USTAR_NAME_BYTES"]

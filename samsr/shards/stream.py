@@ -1,12 +1,13 @@
-"""Training batches streamed from shards, per worker (DESIGN.md "Training"), without Ray.
+"""Reading training samples from shards, without Ray (DESIGN.md "Training").
 
-Which shards a worker reads is decided once, by the driver, with `assign_shards`: shards that hold no
-sample are left out, and the rest are dealt to ranks by sample count (the `ok` counts of the shard
-job's `_manifest/`, or the tar itself when there is no manifest), largest first, each to the rank
-with the fewest samples so far. With fewer non-empty shards than workers every worker reads all of
-them. No sample at all is an error raised before any worker starts.
+`list_shards` and `shard_counts` (the `ok` counts of the shard job's `_manifest/`, or the tar itself
+when there is no manifest) tell the driver what there is; `usable_shards` leaves out empty shards and
+the validation hold-out, and refuses a run without any sample before a worker starts. `iter_samples`
+reads and decodes shards, skipping and counting bad samples; the Ray job's decode tasks
+(samsr.shards.crops via pipelines/train_data.py) call it per shard.
 
-A worker decodes samples into a bounded pool and draws random aligned crops from the pool with
+`batches` is the single-process reader (benchmarks/train_throughput.py compares it with the Ray Data
+path; a loop without Ray can use it): it decodes samples into a bounded pool and draws random aligned crops from the pool with
 `data.make_batch`. After every batch, ceil(batch / crops_per_sample) new samples replace the oldest
 ones, so a sample gives `crops_per_sample` crops on average while memory stays at `pool` decoded
 samples. Shard and sample order are reshuffled every pass from (seed, rank, pass): a restart with
@@ -21,13 +22,11 @@ and after every pass; a pass without any good sample is always an error.
 """
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
 import math
 import queue
-import tarfile
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,7 @@ import numpy as np
 from samsr import storage
 from samsr.data import Sample, make_batch
 from samsr.diffusion.samnoise import whole_image_stats
-from samsr.shards.format import decode_members
+from samsr.shards.format import decode_members, tar_members
 from samsr.structure.masks import coverage
 
 log = logging.getLogger(__name__)
@@ -94,19 +93,10 @@ def read_shard(uri: str) -> tuple[dict[str, dict[str, bytes]], str | None]:
     out: dict[str, dict[str, bytes]] = {}
     current = None
     try:
-        data = storage.read_bytes(uri)
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:    # plain tar only
-            for info in tar:
-                if not info.isfile():
-                    continue
-                current, _, name = info.name.partition(".")
-                blob = tar.extractfile(info).read()
-                out.setdefault(current, {})[name] = blob
-            end = tar.offset                # tarfile stops quietly at a cut between members: look for the end blocks
-            if data[end:end + tarfile.BLOCKSIZE] != tarfile.NUL * tarfile.BLOCKSIZE:
-                raise tarfile.ReadError(f"the tar ends at byte {end} without its end-of-archive blocks")
+        for current, name, blob in tar_members(storage.read_bytes(uri), strict=False):
+            out.setdefault(current, {})[name] = blob
     except Exception as exc:        # not a tar, cut mid-member, unreadable object: keep what came before
-        out.pop(current, None)
+        out.pop(getattr(exc, "key", current), None)      # the sample being read (MemberCut names it)
         return out, _one_line(exc)
     return out, None
 
@@ -135,36 +125,20 @@ def shard_counts(uris: Sequence[str]) -> dict[str, int]:
         return dict(zip(uris, pool.map(count, uris)))
 
 
-def assign_shards(counts: Mapping[str, int], world: int, held_out: Mapping[str, int] | None = None,
-                  where: str = "") -> list[list[str]]:
-    """Each rank's shards: empty ones left out, the rest dealt by samples (largest first, to the rank
-    with the fewest so far; ties by name, then rank). `held_out` samples (validation) do not count.
-    With fewer non-empty shards than ranks, every rank reads all of them. Raises ShardDataError when a
-    rank would get no sample, before any worker starts."""
-    if world < 1:
-        raise ValueError(f"a world of {world} workers")
+def usable_shards(counts: Mapping[str, int], held_out: Mapping[str, int] | None = None, where: str = "",
+                  world: int = 1) -> dict[str, int]:
+    """Training samples per shard, leaving out empty shards and the `held_out` (validation) samples.
+    Raises ShardDataError, before any worker starts, when no sample is left."""
     held_out = held_out or {}
     usable = {u: n - held_out.get(u, 0) for u, n in counts.items() if n - held_out.get(u, 0) > 0}
-    empty = sorted(u for u in counts if u not in usable)
     if not usable:
         held = sum(held_out.values())
         raise ShardDataError(
             f"no training samples for rank 0{f'..{world - 1}' if world > 1 else ''}: the {len(counts)} shard(s) "
-            f"{f'under {where!r} ' if where else ''}hold no sample ({_names(empty)})"
+            f"{f'under {where!r} ' if where else ''}hold no sample ({_names(sorted(counts))})"
             + (f" once {held} are held out for validation" if held else "")
             + "; check the shard job's failures.jsonl, or pass --val / lower job.val_images")
-    if len(usable) < world:
-        return [sorted(usable)] * world
-    loads, ranks = [0] * world, [[] for _ in range(world)]
-    for uri in sorted(usable, key=lambda u: (-usable[u], u)):
-        r = min(range(world), key=lambda i: (loads[i], i))
-        loads[r] += usable[uri]
-        ranks[r].append(uri)
-    for r, mine in enumerate(ranks):        # cannot happen with the dealing above; kept as a guard
-        if not mine:
-            raise ShardDataError(f"rank {r} of {world} would get no training samples from {len(counts)} shard(s) "
-                                 f"({_names(sorted(counts))}); write more shards or use fewer workers")
-    return [sorted(mine) for mine in ranks]
+    return usable
 
 
 def sample_from_members(key: str, members: dict[str, bytes], need_cover: bool) -> Sample:
@@ -307,4 +281,4 @@ def _prefetched(items: Iterator[Sample], ahead: int) -> Iterator[Sample]:
 
 
 __all__ = ["SHARD_SUFFIX", "ShardDataError", "SkipCount", "list_shards", "read_shard", "shard_counts",
-           "assign_shards", "sample_from_members", "iter_samples", "batches", "MIN_READ_FOR_CHECK"]
+           "usable_shards", "sample_from_members", "iter_samples", "batches", "MIN_READ_FOR_CHECK"]
