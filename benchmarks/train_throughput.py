@@ -51,8 +51,9 @@ def emit(run: str, samples_per_s: float, **extra) -> None:
 def batches_of(cfg, data, steps: int, concurrency: int | None = None):
     from pipelines import train_data
 
-    ds = train_data.build(cfg, data, steps, train_data.new_tally(), concurrency=concurrency)
-    return train_data.WorkerBatches(cfg, 0, train_data.new_tally(), shard=ds.iterator())
+    tally = train_data.new_tally()
+    ds = train_data.build(cfg, data, steps, tally, concurrency=concurrency)
+    return train_data.WorkerBatches(cfg, 0, tally, shard=ds.iterator())
 
 
 def data_rate(cfg, data, steps: int, tasks: int) -> float:
