@@ -90,16 +90,20 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
     flags = {"job.shards": args.shards, "job.storage": args.storage, "job.name": args.name,
              "job.num_workers": args.num_workers, "job.use_gpu": True if args.use_gpu else None,
              "job.experiment": args.experiment, "job.tracking_uri": args.tracking_uri,
-             "train.iterations": args.iterations, "job.val": args.val}
+             "train.iterations": args.iterations, "job.val": args.val, "job.register": args.register,
+             "job.register_alias": args.alias}
     return _as_overrides(flags, args.overrides)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from pipelines import train
 
-    out = train.run(config_mod.load(args.config, train_overrides(args)))
+    cfg = config_mod.load(args.config, train_overrides(args))
+    out = train.run(cfg)
     if out.get("mlflow_run_id"):        # last line: what `samsr eval/upscale --model` takes
-        print(f"samsr train: model runs:/{out['mlflow_run_id']}/model", flush=True)
+        model = (f"models:/{cfg.job.register}@{cfg.job.register_alias}" if cfg.job.register
+                 else f"runs:/{out['mlflow_run_id']}/model")
+        print(f"samsr train: model {model}", flush=True)
     return 0
 
 
@@ -241,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", default=None,
                    help="HR images (folder or s3://) to validate on every train.eval_every steps (val/* in MLflow); "
                         "default: hold out the first job.val_images samples of the last shard")
+    p.add_argument("--register", default=None, metavar="NAME",
+                   help="register the final model in MLflow's model registry as a new version of NAME")
+    p.add_argument("--alias", default=None, help="alias set on that version (default candidate): "
+                                                 "then `--model models:/NAME@ALIAS` for upscale and eval")
     p.set_defaults(func=_cmd_train)
 
     p = cli_help.add_command(sub, "upscale")

@@ -35,12 +35,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": (
         "train on shards with Ray Train (DDP), logging to MLflow; rerun to resume",
         "Train a preset (or YAML config) on the shards `samsr shard` wrote with --num-workers Ray Train\n"
-        "workers. Rank 0 logs params, losses, validation curves (val/*) and sample grids to MLflow\n"
-        "($MLFLOW_TRACKING_URI or --tracking-uri) and, at the end, the model as runs:/<run_id>/model;\n"
-        "the last output line names it. Checkpoints go under --storage/--name: the same command resumes.",
+        "workers. Rank 0 logs params, losses, validation curves (val/*), sample grids by step and system\n"
+        "metrics to MLflow ($MLFLOW_TRACKING_URI or --tracking-uri) and, at the end, the model as\n"
+        "runs:/<run_id>/model (with --register NAME also models:/NAME@ALIAS); the last output line names\n"
+        "it. Checkpoints go under --storage/--name: the same command resumes.",
         "samsr train --config samdiffsr-tiny --shards ./shards --storage ./runs --name smoke --iterations 20\n"
         "samsr train --config samsr-teacher --shards s3://bucket/shards/div2k --storage s3://bucket/runs \\\n"
-        "    --name teacher-v1 --num-workers 8 --use-gpu"),
+        "    --name teacher-v1 --num-workers 8 --use-gpu --register samsr-teacher --alias candidate"),
     "upscale": (
         "super-resolve a folder or s3:// prefix into another (Ray Data, model actors)",
         "Read and decode LR images on CPU tasks; an actor pool loads the model once (a samsr checkpoint\n"

@@ -2,12 +2,18 @@
 config) plus our own loader, logged as an MLflow pyfunc *from code* — nothing is pickled, and the
 checkpoint is read with `weights_only=True`.
 
-    method, cfg = load_method("runs:/<run_id>/model")      # or models:/…, a path, an s3:// checkpoint
-    sr = mlflow.pyfunc.load_model("runs:/<run_id>/model").predict([lr_uint8])   # list of SR uint8 arrays
+The model carries its code: `samsr/` and `pipelines/` go in as MLflow `code_paths`, so no `samsr`
+package is asked of pip (none is published, and whoever published one would get their code installed).
+Its requirements are the libraries that code imports, pinned to the versions it was trained with. It
+has a signature (uint8 batch (n,h,w,3) in, (n,h·s,w·s,3) out, a `seed` param) and an input example.
+
+    method, cfg = load_method("models:/<name>@<alias>")     # or runs:/<id>/model, a path, an s3:// checkpoint
+    sr = mlflow.pyfunc.load_model("models:/<name>@<alias>").predict(lr_batch, params={"seed": 0})
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +28,10 @@ MODEL_NAME = "model"             # the logged model's name: runs:/<run_id>/model
 CHECKPOINT_KEY = "checkpoint"    # the pyfunc artifact holding the samsr checkpoint
 ENTRY = Path(__file__).with_name("mlflow_entry.py")
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+# what the model's code (samsr/ and this module) imports at inference, as pip distributions; MLflow adds
+# mlflow itself. tests/test_mlflow_model.py checks this against the imports of the modules a prediction loads.
+INFERENCE_REQUIREMENTS = ("torch", "torchvision", "segment-anything", "pycocotools", "numpy", "pillow", "pyyaml",
+                          "scikit-image", "pyarrow")
 
 
 @contextlib.contextmanager
@@ -131,8 +141,9 @@ def _check_mlflow_model(client, uri: str) -> None:
             raise FileNotFoundError(f"MLflow run {run_id} has no artifacts under {path or MODEL_NAME!r} ({uri!r}); "
                                     f"`samsr train` logs its model as runs:/<run_id>/{MODEL_NAME}")
     elif uri.startswith("models:/"):
-        name, _, ref = uri[len("models:/"):].partition("/")
-        name, _, alias = name.partition("@")
+        from pipelines.tracking import registered_model_ref
+
+        name, alias, ref = registered_model_ref(uri)
         if alias:
             client.get_model_version_by_alias(name, alias)
         elif ref and ref.isdigit():
@@ -142,34 +153,76 @@ def _check_mlflow_model(client, uri: str) -> None:
 
 
 class SamsrPyfunc(mlflow.pyfunc.PythonModel):
-    """predict(list of LR (h,w,3) uint8 arrays, or one) -> list of SR (h*s,w*s,3) uint8 arrays."""
+    """predict(LR uint8 batch (n,h,w,3): one image is lr[None]) -> SR uint8 batch (n,h·s,w·s,3);
+    params {"seed": int}. MLflow checks the input against the signature before predict is called."""
 
     def load_context(self, context) -> None:
         self.method, self.cfg, self.segmenter, self.device = load_for_inference(context.artifacts[CHECKPOINT_KEY])
 
-    def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:
+    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
         from samsr.infer import upscale_array
 
-        batch = [model_input] if isinstance(model_input, np.ndarray) and model_input.ndim == 3 else list(model_input)
+        batch = np.asarray(model_input, dtype=np.uint8)
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"expected a batch of LR images shaped (n,h,w,3), uint8 RGB; got {batch.shape}")
         seed = int((params or {}).get("seed", self.cfg.infer.seed))
-        return [upscale_array(self.method, np.asarray(img, dtype=np.uint8), self.cfg.infer, segmenter=self.segmenter,
-                              soft=self.cfg.resshift.soft_masks, seed=seed, device=self.device) for img in batch]
+        return np.stack([upscale_array(self.method, img, self.cfg.infer, segmenter=self.segmenter,
+                                       soft=self.cfg.resshift.soft_masks, seed=seed, device=self.device)
+                         for img in batch])
 
 
-def log_model(tracking_uri: str, run_id: str, checkpoint_path: str) -> None:
-    """Log the checkpoint as the run's MLflow model `model` (pyfunc from code, no pickle)."""
+def model_requirements() -> list[str]:
+    """INFERENCE_REQUIREMENTS pinned to the installed versions (local tags such as +cu130 dropped)."""
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in INFERENCE_REQUIREMENTS]
+
+
+def code_paths() -> list[str]:
+    """The packages the model carries: samsr (the networks and sampler) and pipelines (this wrapper)."""
+    import samsr
+
+    return [str(Path(samsr.__file__).parent), str(Path(__file__).parent)]
+
+
+def model_signature(cfg: Config):
+    """uint8 (n,h,w,3) -> uint8 (n,H,W,3), and the sampling seed as a param (default: the config's)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    images = Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))])
+    return ModelSignature(inputs=images, outputs=images,
+                          params=ParamSchema([ParamSpec("seed", "long", int(cfg.infer.seed))]))
+
+
+def input_example() -> np.ndarray:
+    """One 8x8 LR image (a colour ramp): small enough that MLflow's serving check at logging is quick."""
+    ramp = np.linspace(0, 255, 8, dtype=np.float64)
+    return np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), -1)[None].astype(np.uint8)
+
+
+def log_model(tracking_uri: str, run_id: str, checkpoint_path: str, register: str = "",
+              alias: str = "") -> int | None:
+    """Log the checkpoint as the run's MLflow model `model` (pyfunc from code, no pickle); with `register`,
+    also as a new version of registered model `register`, `alias` pointing at it. Returns that version."""
     import mlflow
-    import torch
 
     from pipelines.tracking import no_secret_links
 
+    cfg = load_checkpoint(checkpoint_path)["config"]
     client = mlflow.MlflowClient(tracking_uri)
     status = client.get_run(run_id).info.status
     with _tracking(tracking_uri), no_secret_links(tracking_uri), mlflow.start_run(run_id=run_id):
-        mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=str(ENTRY),
-                                artifacts={CHECKPOINT_KEY: checkpoint_path},
-                                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "samsr"])
+        info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=str(ENTRY),
+                                       artifacts={CHECKPOINT_KEY: checkpoint_path}, code_paths=code_paths(),
+                                       pip_requirements=model_requirements(), signature=model_signature(cfg),
+                                       input_example=input_example(), registered_model_name=register or None)
     client.update_run(run_id, status=status)   # start_run/end_run marked it FINISHED; the job decides
+    if not register:
+        return None
+    version = int(info.registered_model_version)
+    if alias:
+        client.set_registered_model_alias(register, alias, str(version))
+    return version
 
 
-__all__ = ["MODEL_NAME", "load_method", "load_for_inference", "check_model", "SamsrPyfunc", "log_model"]
+__all__ = ["MODEL_NAME", "load_method", "load_for_inference", "check_model", "SamsrPyfunc", "log_model",
+           "model_requirements", "code_paths", "model_signature"]

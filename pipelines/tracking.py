@@ -1,7 +1,9 @@
 """MLflow logging for the train job, from rank 0 only (DESIGN.md "Training").
 
-A run gets the flattened config as params, metrics by step, sample grids LR↑|SR|HR, and the latest
-checkpoint as an artifact. Its id travels in our checkpoints, so a resumed Ray Train run reopens the
+A run gets the flattened config as params, metrics by step, sample grids LR↑|SR|HR as step images
+(`log_image(key="samples", step=…)`: the UI's step slider), system metrics of rank 0's node
+(`system/…`, every `job.system_metrics_s`), the latest checkpoint as an artifact, and at the end the
+MLflow model, registered as a new version of `job.register` with alias `job.register_alias` when set. Its id travels in our checkpoints, so a resumed Ray Train run reopens the
 same MLflow run. Without a tracking URI (`job.tracking_uri` or $MLFLOW_TRACKING_URI) nothing is
 logged and the job says so once. Credentials never reach params or logs: user:password in a URI is
 redacted, and MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD variables are read by its client.
@@ -95,6 +97,8 @@ class Tracker:
 
     def __init__(self, cfg: Config, run_name: str, run_id: str | None = None) -> None:
         self.run_id: str | None = None
+        self.job = cfg.job
+        self.monitor = None                          # mlflow's SystemMetricsMonitor thread
         self.logged_to: dict[str, int] = {}          # metric -> the last step the run held when resumed
         self.uri = uri = tracking_uri(cfg)
         if not uri:
@@ -109,6 +113,7 @@ class Tracker:
             self.run_id = run_id
             # a run's latest value of a metric is the one at its highest step (MLflow keeps it so)
             self.logged_to = {m.key: m.step for m in self.client.get_run(run_id).data.to_proto().metrics}
+            self._watch_system(resumed=True)
             return
         experiment_id = experiment_id_for(self.client, cfg.job.experiment)
         run = self.client.create_run(experiment_id, run_name=run_name,
@@ -120,6 +125,17 @@ class Tracker:
         params = [Param(k, v) for k, v in run_params(cfg).items()]
         for i in range(0, len(params), PARAM_BATCH):
             self.client.log_batch(self.run_id, params=params[i:i + PARAM_BATCH])
+        self._watch_system(resumed=False)
+
+    def _watch_system(self, resumed: bool) -> None:
+        """Start MLflow's system metrics thread for this run (a resumed run continues its steps)."""
+        if self.job.system_metrics_s <= 0:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.job.system_metrics_s,
+                                            resume_logging=resumed, tracking_uri=self.uri)
+        self.monitor.start()
 
     def metrics(self, step: int, values: Mapping[str, float]) -> None:
         if self.client is None:
@@ -131,30 +147,59 @@ class Tracker:
         if fresh:
             self.client.log_batch(self.run_id, metrics=fresh)
 
-    def image(self, image: np.ndarray, artifact_file: str) -> None:
+    def image(self, image: np.ndarray, key: str, step: int) -> None:
+        """A step image: the run's Artifacts/Images view shows `key` with a slider over steps."""
         if self.client is not None:
-            self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+            self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
 
     def artifact(self, local_path: str, artifact_path: str) -> None:
         if self.client is not None:
             self.client.log_artifact(self.run_id, local_path, artifact_path)
 
     def model(self, checkpoint_path: str) -> None:
-        """Log the checkpoint as the run's MLflow model (pipelines/mlflow_model.py): runs:/<id>/model."""
+        """Log the checkpoint as the run's MLflow model (pipelines/mlflow_model.py): runs:/<id>/model, and
+        with `job.register` as models:/<register>@<register_alias>."""
         if self.client is not None:
             from pipelines.mlflow_model import log_model
 
-            log_model(self.uri, self.run_id, checkpoint_path)
+            version = log_model(self.uri, self.run_id, checkpoint_path, self.job.register, self.job.register_alias)
+            if version is not None:
+                print(f"samsr train: registered {self.job.register!r} version {version}: "
+                      f"models:/{self.job.register}@{self.job.register_alias}", flush=True)
 
     def finish(self, ok: bool) -> None:
         if self.client is not None:
+            if self.monitor is not None:
+                self.monitor.finish()
             terminate(self.client, self.run_id, "FINISHED" if ok else "FAILED")
+
+
+def registered_model_ref(uri: str) -> tuple[str, str, str]:
+    """models:/<name>@<alias> -> (name, alias, ""); models:/<name>/<version> -> (name, "", version);
+    models:/<name> -> (name, "", "")."""
+    name, _, version = uri[len("models:/"):].partition("/")
+    name, _, alias = name.partition("@")
+    return name, alias, version
+
+
+def model_run_id(client, model: str) -> str | None:
+    """The MLflow run that logged `model`: runs:/<id>/…, or a registered version models:/<name>@<alias> |
+    models:/<name>/<version>; None for anything else (a checkpoint path, s3://)."""
+    if model.startswith("runs:/"):
+        return model[len("runs:/"):].split("/", 1)[0]
+    if not model.startswith("models:/"):
+        return None
+    name, alias, version = registered_model_ref(model)
+    if alias:
+        return client.get_model_version_by_alias(name, alias).run_id or None
+    return (client.get_model_version(name, version).run_id or None) if version.isdigit() else None
 
 
 def log_evaluation(cfg: Config, set_name: str, summary: Mapping[str, Mapping[str, float]],
                    rows: list[dict]) -> str | None:
     """Log a `samsr eval` result: metrics `eval/<set>/<key>` (means over images) and the per-image table
-    `eval/<set>/scores.json`, into the model's own run for `runs:/<id>/…`, else into a new run of
+    `eval/<set>/scores.json`, into the run that logged the model (runs:/<id>/…, models:/<name>@<alias>,
+    models:/<name>/<version>), else into a new run of
     `eval.experiment` tagged with the model. Returns the run id (None without a tracking URI)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -167,9 +212,8 @@ def log_evaluation(cfg: Config, set_name: str, summary: Mapping[str, Mapping[str
         log.warning("no MLflow tracking URI (eval.tracking_uri or MLFLOW_TRACKING_URI): results are not logged")
         return None
     client = MlflowClient(tracking_uri=uri)
-    if ec.model.startswith("runs:/"):
-        run_id, new = ec.model[len("runs:/"):].split("/", 1)[0], False
-    else:
+    run_id, new = model_run_id(client, ec.model), False
+    if not run_id:
         run = client.create_run(experiment_id_for(client, ec.experiment), run_name=f"eval-{set_name}",
                                 tags={"samsr.evaluated_model": redact_uri(ec.model)})
         run_id, new = run.info.run_id, True
@@ -220,4 +264,5 @@ def terminate(client, run_id: str, status: str) -> None:
 
 
 __all__ = ["Tracker", "terminate", "no_secret_links", "redact_uri", "run_params", "tracking_uri", "check_tracking_reachable", "experiment_id_for",
+           "registered_model_ref", "model_run_id",
            "log_evaluation"]

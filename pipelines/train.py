@@ -282,7 +282,7 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, feed: di
                         tracker.metrics(step, named({"replica_param_spread": spread}))
                         tracker.artifact(str(Path(folder) / MODEL_FILE), "checkpoint")
                         if preview is not None:
-                            tracker.image(sample_grid(sampled, preview, tc.seed), f"samples/step-{step:07d}.png")
+                            tracker.image(sample_grid(sampled, preview, tc.seed), "samples", step)
                         if final and is_last:
                             tracker.model(str(Path(folder) / MODEL_FILE))
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))

@@ -6,6 +6,7 @@ config travels with every artifact (`to_dict`), and `flatten` gives the dotted v
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -168,6 +169,9 @@ class JobConfig:
     val_images: int = 4                 # images in the validation set (the first N, sorted); 0 = no validation
     val_crop: int = 256                 # central HR crop side of each validation image (px; 0 = whole image)
     max_skipped_fraction: float = 0.05  # bad shard samples skipped before training fails (share of those read)
+    register: str = ""                  # MLflow registered model to add the final model to as a new version
+    register_alias: str = "candidate"   # alias set on that version: models:/<register>@<alias>
+    system_metrics_s: float = 10.0      # rank 0's node CPU/memory/disk/network (GPU) as system/* every N s; 0 = off
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,9 @@ class Config:
                 value = getattr(getattr(self, section), name, None)
                 if value is not None and (value <= least if strict else value < least):
                     raise ConfigError(f"{section}.{name}={value} must be {'>' if strict else '>='} {least}")
+        alias = self.job.register_alias         # MLflow reserves `latest` and v<number>
+        if not re.fullmatch(r"[A-Za-z_][\w-]*", alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
+            raise ConfigError(f"job.register_alias={alias!r}: letters, digits, _ and -, not `latest` or v<number>")
 
 
 def presets() -> list[str]:

@@ -1,21 +1,24 @@
 """Image quality metrics for SR evaluation (METHOD.md "Evaluation protocol (both)").
 
-PSNR and SSIM on the BT.601 luma Y with `scale` border pixels shaved (the convention SR papers use);
-HaarPSI and GMSD as weight-free perceptual scores; LPIPS (AlexNet) only from a local weights file.
-Everything but LPIPS is plain numpy in float64. Images are RGB (H,W,3) uint8, or float in [0,255].
+PSNR and SSIM on the BT.601 luma Y with `scale` border pixels shaved (the convention SR papers use),
+computed by scikit-image (SSIM: 11x11 Gaussian window, sigma 1.5, population statistics, as Wang et al.);
+HaarPSI and GMSD as weight-free perceptual scores, our numpy code (docs/decisions.md "Metrics": piq
+was measured and not faster; our HaarPSI follows the authors' reference code); LPIPS (AlexNet) through
+the `lpips` package, only from a local weights file. Images are RGB (H,W,3) uint8, or float in [0,255].
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-SSIM_WINDOW = 11            # Wang et al.: 11x11 Gaussian window, sigma 1.5
+SSIM_WINDOW = 11            # Wang et al.: 11x11 Gaussian window, sigma 1.5 (what scikit-image uses for it)
 SSIM_SIGMA = 1.5
-SSIM_K1, SSIM_K2 = 0.01, 0.03
 DATA_RANGE = 255.0
 HAARPSI_C, HAARPSI_ALPHA = 30.0, 4.2    # Reisenhofer et al. 2018
 GMSD_C = 170.0                          # Xue et al. 2014, for 0..255 images
@@ -47,19 +50,12 @@ def _as_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _as_rgb(a, "first image"), _as_rgb(b, "second image")
 
 
-def _correlate_valid(x: np.ndarray, w_rows: np.ndarray, w_cols: np.ndarray) -> np.ndarray:
-    """'valid' 2-D correlation of (H,W) `x` with the separable kernel outer(w_rows, w_cols)."""
-    n = x.shape[0] - len(w_rows) + 1
-    x = sum(w * x[j:j + n] for j, w in enumerate(w_rows))
-    m = x.shape[1] - len(w_cols) + 1
-    return sum(w * x[:, j:j + m] for j, w in enumerate(w_cols))
-
-
 def _same_matlab(x: np.ndarray, w_rows: np.ndarray, w_cols: np.ndarray) -> np.ndarray:
-    """MATLAB conv2(x, kernel, 'same') up to the kernel's flip: zero padding, for an even kernel size k
-    the window of output i covers inputs i-k/2+1 .. i+k/2 (one more after than before)."""
-    pad = [((len(w) - 1) // 2, len(w) // 2) for w in (w_rows, w_cols)]
-    return _correlate_valid(np.pad(x, pad), w_rows, w_cols)
+    """MATLAB conv2(x, kernel, 'same') for the separable kernel outer(w_rows, w_cols), up to its flip: zero
+    padding; for an even kernel size k the window of output i covers inputs i-k/2+1 .. i+k/2."""
+    x = np.pad(x, [((len(w) - 1) // 2, len(w) // 2) for w in (w_rows, w_cols)])
+    x = sum(w * x[j:j + x.shape[0] - len(w_rows) + 1] for j, w in enumerate(w_rows))
+    return sum(w * x[:, j:j + x.shape[1] - len(w_cols) + 1] for j, w in enumerate(w_cols))
 
 
 def _mean2x2_down(x: np.ndarray) -> np.ndarray:
@@ -88,37 +84,28 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
     return 16.0 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255.0
 
 
+def _shaved_y(sr: np.ndarray, hr: np.ndarray, border: int) -> tuple[np.ndarray, np.ndarray]:
+    sr, hr = _as_pair(sr, hr)
+    return _shave(rgb_to_y(sr), border), _shave(rgb_to_y(hr), border)
+
+
 def psnr_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
     """PSNR (dB) on Y of two (H,W,3) RGB images in 0..255, `border` px shaved per side; inf if equal."""
-    sr, hr = _as_pair(sr, hr)
-    diff = _shave(rgb_to_y(sr) - rgb_to_y(hr), border)
-    mse = float(np.mean(diff * diff))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(DATA_RANGE ** 2 / mse)
-
-
-def _gaussian_window() -> np.ndarray:
-    x = np.arange(SSIM_WINDOW) - (SSIM_WINDOW - 1) / 2
-    g = np.exp(-x * x / (2.0 * SSIM_SIGMA ** 2))
-    return g / g.sum()   # outer(g, g) is MATLAB's fspecial('gaussian', 11, 1.5)
+    y_sr, y_hr = _shaved_y(sr, hr, border)
+    with np.errstate(divide="ignore"):   # equal images: MSE 0 -> inf dB, no warning
+        return float(peak_signal_noise_ratio(y_hr, y_sr, data_range=DATA_RANGE))
 
 
 def ssim_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
     """Mean SSIM on Y of two (H,W,3) RGB images in 0..255, `border` px shaved per side; in [-1,1]."""
-    sr, hr = _as_pair(sr, hr)
-    x, y = _shave(rgb_to_y(sr), border), _shave(rgb_to_y(hr), border)
-    if min(x.shape) < SSIM_WINDOW:
+    y_sr, y_hr = _shaved_y(sr, hr, border)
+    if min(y_sr.shape) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels after shaving border={border}, "
-                         f"got {x.shape[0]}x{x.shape[1]}")
-    # Wang et al. 2004 (ssim_index.m): Gaussian statistics over the 'valid' region, no padding, mean of the map
-    g = _gaussian_window()
-    stat = functools.partial(_correlate_valid, w_rows=g, w_cols=g)
-    mu_x, mu_y = stat(x), stat(y)
-    var_x = stat(x * x) - mu_x * mu_x
-    var_y = stat(y * y) - mu_y * mu_y
-    cov = stat(x * y) - mu_x * mu_y
-    c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return float(ssim_map.mean())
+                         f"got {y_sr.shape[0]}x{y_sr.shape[1]}")
+    # Wang et al. 2004 (ssim_index.m): scikit-image filters the whole image and averages the map without
+    # its 5 px margin, i.e. over the 'valid' region the reference code uses; K1=0.01, K2=0.03 (its defaults)
+    return float(structural_similarity(y_sr, y_hr, data_range=DATA_RANGE, gaussian_weights=True,
+                                       sigma=SSIM_SIGMA, use_sample_covariance=False))
 
 
 # ---------------------------------------------------------------- HaarPSI / GMSD
@@ -190,15 +177,6 @@ def evaluate(sr: np.ndarray, hr: np.ndarray, scale: int) -> dict[str, float]:
 
 # ---------------------------------------------------------------- LPIPS (local weights only)
 
-# AlexNet features as the `lpips` package slices them (module index, layer) and its input scaling
-_ALEX_SLICES = (
-    ((0, "conv", 3, 64, 11, 4, 2), (1, "relu")),
-    ((2, "pool"), (3, "conv", 64, 192, 5, 1, 2), (4, "relu")),
-    ((5, "pool"), (6, "conv", 192, 384, 3, 1, 1), (7, "relu")),
-    ((8, "conv", 384, 256, 3, 1, 1), (9, "relu")),
-    ((10, "conv", 256, 256, 3, 1, 1), (11, "relu")),
-)
-_LPIPS_SHIFT, _LPIPS_SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)
 _LPIPS_HOWTO = ("save one with `torch.save(lpips.LPIPS(net='alex').state_dict(), PATH)` on a machine that can "
                 "download the AlexNet weights, then copy it here")
 
@@ -210,31 +188,25 @@ def lpips_available(weights_path: str | os.PathLike | None) -> bool:
 
 @functools.lru_cache(maxsize=2)
 def _lpips_model(path: str, mtime_ns: int):
-    """The AlexNet LPIPS network from the state_dict at `path` (cached per path and file version)."""
-    import torch  # torch only when LPIPS is actually asked for
-    from torch import nn
+    """`lpips.LPIPS` (AlexNet, v0.1) with every weight from the state_dict at `path` (cached per path and version)."""
+    import lpips as lpips_pkg  # torch and lpips only when LPIPS is actually asked for
+    import torch
 
-    def layer(spec: tuple) -> nn.Module:
-        if spec[1] == "conv":
-            return nn.Conv2d(spec[2], spec[3], spec[4], stride=spec[5], padding=spec[6])
-        return nn.ReLU() if spec[1] == "relu" else nn.MaxPool2d(3, stride=2)
-
-    model = nn.Module()
-    model.net = nn.Module()
-    for i, specs in enumerate(_ALEX_SLICES, start=1):
-        block = nn.Sequential()
-        for spec in specs:
-            block.add_module(str(spec[0]), layer(spec))
-        model.net.add_module(f"slice{i}", block)
-    for i, chans in enumerate((64, 192, 384, 256, 256)):  # lpips NetLinLayer: (Dropout, 1x1 conv, no bias)
-        model.add_module(f"lin{i}", nn.Module())
-        getattr(model, f"lin{i}").model = nn.Sequential(nn.Dropout(), nn.Conv2d(chans, 1, 1, bias=False))
+    with warnings.catch_warnings():
+        # lpips passes torchvision the deprecated `pretrained=False`, i.e. weights=None: random init, no download
+        warnings.filterwarnings("ignore", message=r".*(pretrained|weight enum).*deprecated", category=UserWarning)
+        model = lpips_pkg.LPIPS(net="alex", pretrained=False, pnet_rand=True, verbose=False)
     state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state if isinstance(state, dict) else {}
     missing = sorted(set(model.state_dict()) - set(state))
     if missing:
         raise ValueError(f"{path} is not an LPIPS-AlexNet state_dict: missing {', '.join(missing[:4])}"
                          f"{' ...' if len(missing) > 4 else ''}; {_LPIPS_HOWTO}")
-    model.load_state_dict({k: state[k] for k in model.state_dict()})
+    try:
+        model.load_state_dict(state)   # strict: extra keys or other shapes are a different network
+    except RuntimeError as exc:
+        raise ValueError(f"{path} is not an LPIPS-AlexNet state_dict: {' '.join(str(exc).split())[:300]}; "
+                         f"{_LPIPS_HOWTO}") from None
     return model.eval()
 
 
@@ -248,14 +220,6 @@ def lpips(a: np.ndarray, b: np.ndarray, weights_path: str | os.PathLike) -> floa
     a, b = _as_pair(a, b)
     path = Path(weights_path).resolve()
     model = _lpips_model(str(path), path.stat().st_mtime_ns)
-    shift = torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1)
-    scale = torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1)
     with torch.no_grad():
         x = torch.from_numpy(np.stack([a, b])).permute(0, 3, 1, 2).float() / 127.5 - 1.0   # [-1,1]
-        h = (x - shift) / scale
-        total = 0.0
-        for i in range(len(_ALEX_SLICES)):
-            h = getattr(model.net, f"slice{i + 1}")(h)
-            f = h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)   # unit norm over channels
-            total += float(getattr(model, f"lin{i}").model((f[0:1] - f[1:2]) ** 2).mean())
-    return total
+        return float(model(x[0:1], x[1:2], normalize=False))

@@ -6,9 +6,8 @@ import warnings
 
 import numpy as np
 import pytest
-from scipy import ndimage
+from scipy import ndimage, signal
 from skimage import data
-from skimage.metrics import structural_similarity
 
 from samsr import metrics
 
@@ -95,14 +94,27 @@ def test_too_few_pixels_is_an_error(fn, side, match):
 
 # ---------------------------------------------------------------- SSIM
 
-def test_ssim_matches_skimage_on_a_photo(astronaut_pair):
+def _ssim_wang(x: np.ndarray, y: np.ndarray) -> float:
+    """Wang et al. 2004 (ssim_index.m) written out: 11x11 Gaussian (sigma 1.5) statistics over the 'valid'
+    region, population (co)variances, mean of the map; FFT correlation, independent of scikit-image."""
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+
+    def stat(v):
+        return signal.fftconvolve(v, w[::-1, ::-1], mode="valid")
+
+    mx, my = stat(x), stat(y)
+    vx, vy, cxy = stat(x * x) - mx * mx, stat(y * y) - my * my, stat(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    return float((((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))).mean())
+
+
+def test_ssim_is_wang_et_al_on_a_photo(astronaut_pair):
     sr, hr = astronaut_pair
     for border in (0, 4):
         y_sr, y_hr = (metrics.rgb_to_y(x)[border:512 - border, border:512 - border] for x in (sr, hr))
-        ref = structural_similarity(y_sr, y_hr, data_range=255, gaussian_weights=True, sigma=1.5,
-                                    use_sample_covariance=False)
-        # skimage filters the whole image then drops 5 px per side: the same 'valid' region as ours
-        assert metrics.ssim_y(sr, hr, border=border) == pytest.approx(ref, abs=1e-9)
+        # scikit-image filters the whole image then drops 5 px per side: the reference code's 'valid' region
+        assert metrics.ssim_y(sr, hr, border=border) == pytest.approx(_ssim_wang(y_sr, y_hr), abs=1e-9)
 
 
 def test_ssim_fixed_reference(astronaut_pair):
@@ -180,30 +192,59 @@ def test_lpips_without_weights_says_where_it_looked(tmp_path):
         metrics.lpips(img, img, missing)
 
 
+def _lpips_reference(lpips_pkg, torch, path):
+    """An LPIPS-AlexNet built by the `lpips` package, saved to `path`: its bundled linear layers on an AlexNet
+    with fixed random weights (numpy seed 7, He-scaled), so nothing is downloaded and the numbers are fixed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torchvision's `pretrained=` deprecation; pnet_rand: no download
+        ref = lpips_pkg.LPIPS(net="alex", pnet_rand=True, pretrained=True, verbose=False)
+    rng = np.random.default_rng(7)
+    state = ref.state_dict()
+    for k, v in state.items():
+        if k.startswith("net."):
+            std = (2.0 / v[0].numel()) ** 0.5 if v.ndim == 4 else 0.05
+            state[k] = torch.from_numpy(rng.normal(0.0, std, tuple(v.shape))).float()
+    ref.load_state_dict(state)
+    torch.save(ref.state_dict(), path)
+    return ref
+
+
 def test_lpips_rejects_a_foreign_state_dict(tmp_path):
     torch = pytest.importorskip("torch")
+    lpips_pkg = pytest.importorskip("lpips")
     path = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(1)}, path)
     assert metrics.lpips_available(path)
     img = np.zeros((64, 64, 3), np.uint8)
     with pytest.raises(ValueError, match="not an LPIPS-AlexNet state_dict: missing lin0"):
         metrics.lpips(img, img, path)
+    state = _lpips_reference(lpips_pkg, torch, path).state_dict()
+    state["extra.weight"] = torch.zeros(1)                     # strict: a key LPIPS-AlexNet lacks is an error
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="not an LPIPS-AlexNet state_dict: .*extra.weight"):
+        metrics.lpips(img, img, path)
 
 
-def test_lpips_matches_the_lpips_package(tmp_path):
+def test_lpips_matches_the_lpips_package(tmp_path, monkeypatch):
     lpips_pkg = pytest.importorskip("lpips")
     torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # torchvision's `pretrained=` deprecation; pnet_rand: no download
-        ref = lpips_pkg.LPIPS(net="alex", pnet_rand=True, pretrained=True, verbose=False)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"LPIPS tried to download {args[:1]}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     path = tmp_path / "lpips_alex.pth"
-    torch.save(ref.state_dict(), path)
+    ref = _lpips_reference(lpips_pkg, torch, path)
     rng = np.random.default_rng(6)
     a = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
     b = np.clip(a.astype(np.int64) + rng.integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
     x, y = (torch.from_numpy(v).permute(2, 0, 1)[None].float() / 127.5 - 1.0 for v in (a, b))
     with torch.no_grad():
-        expected = float(ref(x, y))
-    assert metrics.lpips(a, b, path) == pytest.approx(expected, rel=1e-4)
+        expected = float(ref(x, y, normalize=False))              # lpips' own forward on [-1,1] inputs
+    ours = metrics.lpips(a, b, path)                               # uint8 in, weights from the file
+    assert ours == pytest.approx(expected, rel=1e-6)
+    # 0.0054467277: the hand-built AlexNet this package replaced (issue 9), same file and images
+    assert ours == pytest.approx(0.0054467277, rel=1e-5)
     assert metrics.lpips(a, a, path) == 0.0
+    assert not (tmp_path / "torch_home").exists()                 # nothing fetched into the torch hub cache

@@ -129,7 +129,8 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
         "job.num_workers=2", f"job.tracking_uri={with_user}", "job.experiment=train-job-test",
         "job.sample_pool=2", "job.crops_per_sample=2", "train.iterations=6", "train.checkpoint_every=3",
         "train.log_every=1", "train.batch_size=4", "train.num_threads=1", "data.hr_crop=32",
-        "train.eval_every=3", "job.val_images=1", "job.val_crop=48"])
+        "train.eval_every=3", "job.val_images=1", "job.val_crop=48", "job.register=train-job-teacher",
+        "job.register_alias=smoke", "job.system_metrics_s=0.5"])
     with pytest.raises(Exception, match="fail_after_steps"):
         train.run(cfg, fail_after_steps=4)
     client = MlflowClient(mlflow_server)
@@ -174,8 +175,17 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
     assert {"val/ssim_y", "val/haarpsi", "val/bicubic_haarpsi"} <= set(run.data.metrics)
     spread = client.get_metric_history(run.info.run_id, "replica_param_spread")   # DDP kept replicas equal
     assert sorted((m.step, m.value) for m in spread) == [(3, 0.0), (6, 0.0)]
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert artifacts == {"samples/step-0000003.png", "samples/step-0000006.png"}
+    # sample grids as step images (the UI's slider): one per checkpoint, before and after the resume
+    grids = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in grids) == [3, 6], grids
+    assert all(p.startswith("images/samples+step+") for p in grids)
+    # MLflow's system metrics from rank 0's node, continued after the resume
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and all(0.0 <= m.value <= 100.0 for m in cpu)
+    assert len({m.step for m in cpu}) == len(cpu)
+    # the final model, registered: version 1 of train-job-teacher, alias smoke
+    version = client.get_model_version_by_alias("train-job-teacher", "smoke")
+    assert (version.version, version.run_id) == ("1", run.info.run_id)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/model.pt"]
 
     payload = load_checkpoint(out["checkpoint"])
@@ -195,7 +205,7 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
     lr = bundled_photo("coffee")[:24, :20]
     mlflow.set_tracking_uri(mlflow_server)
     try:
-        (sr,) = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict([lr], params={"seed": 0})
+        (sr,) = mlflow.pyfunc.load_model("models:/train-job-teacher@smoke").predict(lr[None], params={"seed": 0})
         model_dir = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model"))
     finally:
         mlflow.set_tracking_uri(None)

@@ -198,13 +198,13 @@ def test_mlflow_model_of_a_samsr_student_runs_sam_in_the_actor(ray_local, mlflow
     save_checkpoint(str(tmp_path / "student.pt"), {"model": student}, scfg)
     client = MlflowClient(mlflow_server)
     run = client.create_run(client.create_experiment("upscale-job-test"))
-    log_model(mlflow_server, run.info.run_id, str(tmp_path / "student.pt"))
+    assert log_model(mlflow_server, run.info.run_id, str(tmp_path / "student.pt"), "tiny-student", "champion") == 1
     (tmp_path / "in" / "x").mkdir(parents=True)
     data = encoded(bundled_photo("astronaut")[:24, :24])
     name = "p" * 246 + ".jpg"                                # 250 bytes: output written next to a short temp name
     (tmp_path / "in" / "x" / name).write_bytes(data)
     job = config.load("samsr-student-tiny", [f"upscale.input={tmp_path / 'in'}", f"upscale.output={tmp_path / 'out'}",
-                                             f"upscale.model=runs:/{run.info.run_id}/model",
+                                             "upscale.model=models:/tiny-student@champion",   # registry alias
                                              f"upscale.tracking_uri={mlflow_server}", "upscale.cpus_per_actor=0.5"])
     stats = upscale.run(job, ["infer.tile=8", "infer.overlap=2"])
     assert stats["ok"] == 1 and stats["failed"] == 0
@@ -216,4 +216,7 @@ def test_mlflow_model_of_a_samsr_student_runs_sam_in_the_actor(ray_local, mlflow
     refused(capsys, ["upscale", "--config", "samsr-student-tiny", "--model", f"runs:/{run.info.run_id[:-1]}x/model",
                      "--tracking-uri", mlflow_server, "--input", str(tmp_path / "in"), "--output",
                      str(tmp_path / "out2")], "no MLflow model", run.info.run_id[:-1])
+    refused(capsys, ["upscale", "--config", "samsr-student-tiny", "--model", "models:/tiny-student@champoin",
+                     "--tracking-uri", mlflow_server, "--input", str(tmp_path / "in"), "--output",
+                     str(tmp_path / "out2")], "no MLflow model", "champoin")
     assert not (tmp_path / "out2").exists()
