@@ -5,7 +5,7 @@ presets, trained in a plain loop on bundled photos and scored against bicubic on
     .venv/bin/python benchmarks/cpu_recipe.py --method samdiffsr --split tune --set train.iterations=600
 
 `--split tune` trains on TUNE_TRAIN and scores TUNE_VAL (recipes are chosen there); `--split final`
-trains on all of TRAIN and scores HELD_OUT (pipelines/photos.py). Prints the training time and a table
+trains on all of TRAIN and scores HELD_OUT (pipelines/local/photos.py). Prints the training time and a table
 per model (single samples, mean of samples, bicubic); writes side-by-side PNGs + metrics.json to --out.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import demo  # noqa: E402
+from pipelines.local import demo  # noqa: E402
 
 
 def main(argv=None) -> int:

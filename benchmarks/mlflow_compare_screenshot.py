@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import local, quickstart  # noqa: E402
+from pipelines import local  # noqa: E402
+from pipelines.local import quickstart  # noqa: E402
 from samsr import config, evaluation  # noqa: E402
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     work = Path(args.workdir).resolve()
     if args.pictures_only:
-        from pipelines import services
+        from pipelines.local import services
 
         server = services.start_mlflow(work / "stack" / "mlflow")
         try:

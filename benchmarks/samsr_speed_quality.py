@@ -27,8 +27,8 @@ import time
 import numpy as np
 import torch
 
-from pipelines.photos import LEGACY_TRAIN as TRAIN_PHOTOS
-from pipelines.photos import bundled_photo
+from pipelines.local.photos import LEGACY_TRAIN as TRAIN_PHOTOS
+from pipelines.local.photos import bundled_photo
 from samsr import config, images, metrics
 from samsr.data import lr_upsampled, prepare_sample
 from samsr.diffusion.samdiffsr import SamDiffSR

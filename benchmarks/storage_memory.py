@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from pipelines import services
+from pipelines.local import services
 from samsr import storage
 
 MB = 1 << 20

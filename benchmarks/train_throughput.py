@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.photos import LEGACY_TRAIN as TRAIN_PHOTOS
-from pipelines.photos import bundled_photo
+from pipelines.local.photos import LEGACY_TRAIN as TRAIN_PHOTOS
+from pipelines.local.photos import bundled_photo
 from samsr import config
 
 PHOTOS = TRAIN_PHOTOS + ("coffee", "camera", "coins")
@@ -131,7 +131,9 @@ def main() -> None:
     import ray
     import torch
 
-    from pipelines import services, train
+    from pipelines import train
+
+    from pipelines.local import services
     from samsr.shards.process import write_shards_in_process
     from samsr.structure.segmenters import build_segmenter
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipelines.photos import LEGACY_TRAIN as TRAIN_PHOTOS
-from pipelines.photos import bundled_photo
+from pipelines.local.photos import LEGACY_TRAIN as TRAIN_PHOTOS
+from pipelines.local.photos import bundled_photo
 from samsr import config
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     import torch
 
     from pipelines import upscale
-    from pipelines.mlflow_model import load_method
+    from pipelines.tracking.model import load_method
     from samsr import images, storage
     from samsr.checkpoint import save_checkpoint
     from samsr.infer import upscale_array

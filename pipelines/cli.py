@@ -30,6 +30,8 @@ def _add_model_job_args(p: argparse.ArgumentParser) -> None:
     """The flags of the jobs that run a trained model over a listing (upscale, eval)."""
     from pipelines.rayenv import add_model_set
 
+    p.add_argument("--model", required=True,
+                   help="samsr checkpoint (path or s3:// URI) or MLflow model (runs:/<run_id>/model, models:/NAME@ALIAS)")
     p.add_argument("--actors", type=int, default=None, help="model actor pool size (default 1)")
     p.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPUs per actor (default 0: CPU); > 0 asks the cluster for them and fails if they do not "
@@ -38,12 +40,12 @@ def _add_model_job_args(p: argparse.ArgumentParser) -> None:
                    help="LR tile side in px (default: the model's infer.tile; 0 = auto: one pass up to "
                         "infer.auto_tile px a side, tiles of that side above)")
     p.add_argument("--limit", type=int, default=None, help="only the first N inputs of the sorted listing")
-    p.add_argument("--tracking-uri", default=None, help="MLflow server for runs:/ models (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow server for runs:/ and models:/ models (default $MLFLOW_TRACKING_URI)")
     add_model_set(p)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines import demo
+    from pipelines.local import demo
 
     demo.run(method=args.method, out_dir=args.out, overrides=args.overrides, iterations=args.iterations,
              seed=args.seed, preset=args.preset, samples=args.samples, eval_crop=args.eval_crop,
@@ -107,41 +109,46 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_job_flags(args: argparse.Namespace, section: str) -> dict:
+    """The flags upscale and eval share (`_add_model_job_args`, --model, --tracking-uri) as section.* keys."""
+    return {f"{section}.{name}": getattr(args, name)
+            for name in ("model", "actors", "gpus_per_actor", "limit", "tracking_uri")}
+
+
+def _model_sets(args: argparse.Namespace) -> list[str]:
+    """--model-set overrides of the model's own config, --tile as infer.tile."""
+    return list(args.model_overrides) + ([f"infer.tile={args.tile}"] if args.tile is not None else [])
+
+
 def upscale_overrides(args: argparse.Namespace) -> list[str]:
     """`samsr upscale` flags -> `--set` overrides (upscale.*), explicit --set last."""
-    flags = {"upscale.model": args.model, "upscale.input": args.input, "upscale.output": args.output,
-             "upscale.overwrite": True if args.overwrite else None, "upscale.actors": args.actors,
-             "upscale.gpus_per_actor": args.gpus_per_actor, "upscale.limit": args.limit,
-             "upscale.tracking_uri": args.tracking_uri}
+    flags = {**_model_job_flags(args, "upscale"), "upscale.input": args.input, "upscale.output": args.output,
+             "upscale.overwrite": True if args.overwrite else None}
     return _as_overrides(flags, args.overrides)
 
 
 def _cmd_upscale(args: argparse.Namespace) -> int:
     from pipelines import upscale
 
-    model_sets = list(args.model_overrides) + ([f"infer.tile={args.tile}"] if args.tile is not None else [])
-    return upscale.exit_code(upscale.run(config_mod.load(args.config, upscale_overrides(args)), model_sets))
+    return upscale.exit_code(upscale.run(config_mod.load(args.config, upscale_overrides(args)), _model_sets(args)))
 
 
 def eval_overrides(args: argparse.Namespace) -> list[str]:
     """`samsr eval` flags -> `--set` overrides (eval.*), explicit --set last."""
-    flags = {"eval.model": args.model, "eval.hr": args.hr, "eval.lr": args.lr, "eval.set_name": args.set_name,
+    flags = {**_model_job_flags(args, "eval"), "eval.hr": args.hr, "eval.lr": args.lr, "eval.set_name": args.set_name,
              "eval.samples": args.samples, "eval.seed": args.seed, "eval.crop": args.crop,
-             "eval.output": args.output, "eval.lpips_weights": args.lpips_weights, "eval.actors": args.actors,
-             "eval.gpus_per_actor": args.gpus_per_actor, "eval.limit": args.limit,
-             "eval.tracking_uri": args.tracking_uri}
+             "eval.output": args.output, "eval.lpips_weights": args.lpips_weights}
     return _as_overrides(flags, args.overrides)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pipelines import eval as eval_job
 
-    model_sets = list(args.model_overrides) + ([f"infer.tile={args.tile}"] if args.tile is not None else [])
-    return eval_job.exit_code(eval_job.run(config_mod.load(args.config, eval_overrides(args)), model_sets))
+    return eval_job.exit_code(eval_job.run(config_mod.load(args.config, eval_overrides(args)), _model_sets(args)))
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from pipelines import quickstart
+    from pipelines.local import quickstart
 
     quickstart.run(args.workdir, keep=args.keep, iterations=args.iterations, rrdb_iterations=args.rrdb_iterations,
                    samples=args.samples, preset=args.preset or quickstart.PRESET)
@@ -253,18 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cli_help.add_command(sub, "upscale")
     _add_config_args(p, default="samdiffsr")
-    p.add_argument("--model", required=True,
-                   help="samsr checkpoint (path or s3:// URI) or MLflow model (runs:/<run_id>/model, models:/...)")
+    _add_model_job_args(p)
     p.add_argument("--input", required=True, help="folder or s3://bucket/prefix of LR images (listed recursively)")
     p.add_argument("--output", required=True, help="folder or s3://bucket/prefix; output keys mirror input keys (.png)")
     p.add_argument("--overwrite", action="store_true", help="rewrite outputs that exist (default: skip them)")
-    _add_model_job_args(p)
     p.set_defaults(func=_cmd_upscale)
 
     p = cli_help.add_command(sub, "eval")
     _add_config_args(p, default="samdiffsr")
-    p.add_argument("--model", required=True,
-                   help="samsr checkpoint (path or s3:// URI) or MLflow model (runs:/<run_id>/model, models:/NAME@ALIAS)")
+    _add_model_job_args(p)
     p.add_argument("--hr", required=True, help="folder or s3://bucket/prefix of HR images (listed recursively)")
     p.add_argument("--lr", default=None, help="LR images matched to HR by key (a/0801.png or a/0801x4.png); "
                                               "default: made from HR as `samsr shard` makes them")
@@ -276,7 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="folder or s3:// prefix for scores.jsonl and summary.json")
     p.add_argument("--lpips-weights", default=None,
                    help="LPIPS-AlexNet state_dict (path or s3://); without it LPIPS is not computed")
-    _add_model_job_args(p)
     p.set_defaults(func=_cmd_eval)
 
     p = cli_help.add_command(sub, "quickstart")

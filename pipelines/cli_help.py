@@ -47,15 +47,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Read and decode LR images on CPU tasks; an actor pool loads the model once (a samsr checkpoint\n"
         "or an MLflow model) and super-resolves each image with tiled inference. Output keys mirror input\n"
         "keys (.png); existing outputs are skipped unless --overwrite; _manifest.jsonl lists every input.",
-        "samsr upscale --model runs:/<run_id>/model --input s3://bucket/lr/ --output s3://bucket/sr/\n"
+        "samsr upscale --model models:/samsr-teacher@candidate --input s3://bucket/lr/ --output s3://bucket/sr/\n"
         "samsr upscale --model ./demo-output/samdiffsr.pt --input ./photos --output ./sr --tile 128"),
     "eval": (
         "score a model against bicubic on HR images (PSNR/SSIM on Y, HaarPSI, GMSD, LPIPS with weights) "
         "and log the result to MLflow",
         "Make the LR from each HR image (or match --lr images by key), super-resolve it --samples times and\n"
         "score the model and bicubic: PSNR and SSIM on luma Y with the border shaved, HaarPSI, GMSD (LPIPS\n"
-        "with --lpips-weights). Prints the summary table; the metrics eval/<set>/* go into the model's\n"
-        "MLflow run (runs:/...) or a new run of experiment samsr-eval.",
+        "with --lpips-weights). Prints the summary table; the metrics eval/<set>/* go into the MLflow run\n"
+        "that logged the model (runs:/... or a registered models:/NAME@ALIAS) or a new run of samsr-eval.",
         "samsr eval --model runs:/<run_id>/model --hr s3://bucket/div2k/DIV2K_valid_HR --set-name div2k-val\n"
         "samsr eval --model ./demo-output/samdiffsr.pt --hr ./photos --samples 4 --crop 256 --output ./eval"),
     "quickstart": (

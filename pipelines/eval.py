@@ -24,6 +24,7 @@ mismatch…) are recorded, not failures; 1 when a usable one failed (read or mod
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 import time
@@ -32,7 +33,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipelines.rayenv import ensure_ray, entrypoint_parser, require_gpus, run_entrypoint
+from pipelines.rayenv import (RowProgress, data_progress_bars, ensure_ray, entrypoint_parser, require_gpus,
+                              run_entrypoint)
 from pipelines.upscale import check_model_overrides
 from samsr import config as config_mod
 from samsr import evaluation, images, locations, redact, storage
@@ -44,6 +46,8 @@ SUMMARY = "summary.json"
 # reasons that mean "this input cannot be used", recorded and skipped; anything else failing (read_error,
 # eval_error) is the job's fault and a rerun retries it
 KNOWN_BAD = (*images.REASONS, "unsafe_key", "no_lr", "size_mismatch")
+
+log = logging.getLogger(__name__)
 
 
 def set_name(ec) -> str:
@@ -118,7 +122,7 @@ class EvalActor:
 
     def __init__(self, model: str, model_overrides: Sequence[str], tracking_uri: str, samples: int, seed: int,
                  crop: int, lpips_weights: str, threads: int = 1) -> None:
-        from pipelines.mlflow_model import load_for_inference
+        from pipelines.tracking.model import load_for_inference
 
         self.method, self.cfg, self.segmenter, self.device = load_for_inference(model, model_overrides,
                                                                                 tracking_uri, threads)
@@ -165,8 +169,8 @@ class EvalActor:
 def check_inputs(cfg: Config, model_overrides: Sequence[str]) -> None:
     """Everything that can be wrong before any work, each as one line in seconds (ConfigError, LocationError,
     FileNotFoundError): settings, overlapping locations, missing folders/buckets, the model, LPIPS weights."""
-    from pipelines.mlflow_model import check_model
-    from pipelines.tracking import check_tracking_reachable, tracking_uri
+    from pipelines.tracking.model import check_model
+    from pipelines.tracking.client import check_tracking_reachable, tracking_uri
 
     ec = cfg.eval
     for name in ("model", "hr"):
@@ -209,6 +213,7 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
     if items:
         ensure_ray()
         require_gpus("samsr eval", ec.gpus_per_actor, ec.actors, "--gpus-per-actor 0", ec.gpu_wait_s)
+        bars = data_progress_bars()       # before the dataset: it keeps a copy of the DataContext
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
         hr_and_lr = cfg.data.max_pixels + cfg.data.max_pixels // cfg.data.scale ** 2
         ds = ds.map(decode_row, fn_kwargs={"max_pixels": cfg.data.max_pixels}, num_cpus=0.5,
@@ -220,9 +225,11 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
                                 "threads": int(ec.cpus_per_actor)},
                             batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=ec.actors),
                             num_cpus=ec.cpus_per_actor, num_gpus=ec.gpus_per_actor or None)
+        progress = RowProgress(log, "samsr eval", len(items), quiet=bars)
         for row in ds.iter_rows():
             row = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
             rows.append({**{k: v for k, v in row.items() if k != "scores"}, **json.loads(row["scores"])})
+            progress.add(rows[-1]["status"] != "ok")
     rows.sort(key=lambda r: r["hr"])
     seconds = time.perf_counter() - t0
     ok = [r for r in rows if r["status"] == "ok"]
@@ -242,7 +249,7 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
          + (f" -> {ec.output}" if ec.output else ""))
     if ok:
         echo(evaluation.format_summary(summary, ec.samples))
-        from pipelines.tracking import log_evaluation
+        from pipelines.tracking.runs import log_evaluation
 
         result["mlflow_run_id"] = log_evaluation(cfg, name, summary, rows)
     return result

@@ -34,7 +34,8 @@ import torch
 
 from pipelines import train_data, validation
 from pipelines.rayenv import ensure_ray, entrypoint_parser, require_gpus, run_entrypoint
-from pipelines.tracking import Tracker, check_tracking_reachable, tracking_uri
+from pipelines.tracking.client import check_tracking_reachable, tracking_uri
+from pipelines.tracking.runs import Tracker
 from samsr import config as config_mod
 from samsr import images, storage
 from samsr.checkpoint import load_checkpoint, save_checkpoint
@@ -69,15 +70,6 @@ class _ViaModule:
 
     def loss(self, batch: dict, generator: torch.Generator):
         return self.module(batch, generator)
-
-
-def per_worker_batch(cfg: Config) -> int:
-    """train.batch_size is the global batch; each of job.num_workers workers takes an equal part."""
-    n = cfg.job.num_workers
-    if n < 1 or cfg.train.batch_size % n:
-        raise config_mod.ConfigError(f"train.batch_size={cfg.train.batch_size} must split evenly over "
-                                     f"job.num_workers={n}")
-    return cfg.train.batch_size // n
 
 
 def run_name(cfg: Config) -> str:
@@ -313,7 +305,7 @@ def run(cfg: Config, *, fail_after_steps: int = 0, echo: Callable[[str], None] =
         raise config_mod.ConfigError("job.shards: set it to the folder or s3:// prefix `samsr shard` wrote")
     if not cfg.job.storage:
         raise config_mod.ConfigError("job.storage: set a folder or s3:// prefix for Ray Train's checkpoints")
-    per_worker_batch(cfg)
+    train_data.per_worker_batch(cfg)
     if not 0.0 <= cfg.job.max_skipped_fraction <= 1.0:
         raise config_mod.ConfigError(f"job.max_skipped_fraction={cfg.job.max_skipped_fraction} must lie in [0, 1]")
     check_tracking_reachable(tracking_uri(cfg))   # an MLflow server that does not answer: one line, in seconds

@@ -49,6 +49,15 @@ class SkipTally:
         return self.read, self.skipped, self.last
 
 
+def per_worker_batch(cfg: Config) -> int:
+    """train.batch_size is the global batch; each of job.num_workers workers takes an equal part."""
+    n = cfg.job.num_workers
+    if n < 1 or cfg.train.batch_size % n:
+        raise config_mod.ConfigError(f"train.batch_size={cfg.train.batch_size} must split evenly over "
+                                     f"job.num_workers={n}")
+    return cfg.train.batch_size // n
+
+
 def new_tally():
     import ray
 
@@ -139,8 +148,6 @@ class WorkerBatches:
                                         f"job.max_skipped_fraction={limit:g}; last: {last}")
 
     def __iter__(self) -> Iterator[dict]:
-        from pipelines.train import per_worker_batch
-
         size = per_worker_batch(self.cfg)
         while True:
             got = 0

@@ -22,6 +22,7 @@ input failed (read, model or write error: rerun to retry) or there was nothing t
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import PurePosixPath
@@ -29,7 +30,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipelines.rayenv import ensure_ray, entrypoint_parser, require_gpus, run_entrypoint
+from pipelines.rayenv import (RowProgress, data_progress_bars, ensure_ray, entrypoint_parser, require_gpus,
+                              run_entrypoint)
 from samsr import config as config_mod
 from samsr import images, locations, storage
 from samsr.config import Config, DataConfig
@@ -41,6 +43,9 @@ MODEL_SECTIONS = ("infer.", "segmenter.")       # what --model-set may change in
 # reasons that mean "this input cannot be used": recorded, and not a failure of the job (a rerun would
 # fail them again); any other failure (read_error, upscale_error, write_error) is one a rerun retries
 KNOWN_BAD = (*images.REASONS, "unsafe_key", "output_collision")
+
+log = logging.getLogger(__name__)
+
 
 def lr_pixel_limit(data: DataConfig) -> int:
     """The largest LR whose ×scale output stays within `data.max_pixels`."""
@@ -116,7 +121,7 @@ class UpscaleActor:
 
     def __init__(self, model: str, model_overrides: Sequence[str], tracking_uri: str, level: int,
                  threads: int = 1, max_pixels: int = DataConfig.max_pixels) -> None:
-        from pipelines.mlflow_model import load_for_inference
+        from pipelines.tracking.model import load_for_inference
 
         self.method, self.cfg, self.segmenter, self.device = load_for_inference(model, model_overrides,
                                                                                 tracking_uri, threads)
@@ -167,7 +172,7 @@ def check_job(cfg: Config, model_overrides: Sequence[str] = ()) -> None:
     """Everything that can be wrong before any work, each as one line (ConfigError, LocationError or
     FileNotFoundError), in seconds: required settings, overlapping locations, a missing input folder or
     bucket, a missing output bucket, an unreachable S3 endpoint or MLflow server, a missing model."""
-    from pipelines.mlflow_model import check_model
+    from pipelines.tracking.model import check_model
 
     uc = cfg.upscale
     for name in ("model", "input", "output"):
@@ -208,6 +213,7 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
     if items:
         ensure_ray()
         require_gpus("samsr upscale", uc.gpus_per_actor, uc.actors, "--gpus-per-actor 0", uc.gpu_wait_s)
+        bars = data_progress_bars()       # before the dataset: it keeps a copy of the DataContext
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
         ds = ds.map(decode_row, fn_kwargs={"max_pixels": cfg.data.max_pixels, "scale": cfg.data.scale},
                     num_cpus=0.5, memory=images.decode_memory(lr_pixel_limit(cfg.data)))
@@ -217,8 +223,10 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
                                 "threads": int(uc.cpus_per_actor), "max_pixels": cfg.data.max_pixels},
                             batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=uc.actors),
                             num_cpus=uc.cpus_per_actor, num_gpus=uc.gpus_per_actor or None)
+        progress = RowProgress(log, "samsr upscale", len(items), quiet=bars)
         for row in ds.iter_rows():
             rows.append({k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items() if k != "lr_raw"})
+            progress.add(rows[-1]["status"] not in ("ok", "skipped"))
     rows.sort(key=lambda r: r["input"])
     storage.write_text(storage.join(uc.output, MANIFEST), "".join(json.dumps(r) + "\n" for r in rows))
     stats = summarize(rows, time.perf_counter() - t0)

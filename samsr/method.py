@@ -11,14 +11,14 @@ A method reads only the keys it needs.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol
+from typing import Iterable, Protocol
 
 import torch
 from torch import Tensor
 
-# noise_fn(step) -> a standard normal field shaped like the HR output, for sampler step `step`.
-# Tiled inference passes one that crops a whole-image field, so tiles share the noise (DESIGN.md infer).
-NoiseFn = Callable[[int], Tensor]
+from samsr.diffusion import NoiseFn
+from samsr.diffusion.samdiffsr import SamDiffSR
+from samsr.diffusion.samsr import ResShiftTeacher, SamsrStudent
 
 
 class SRMethod(Protocol):
@@ -37,9 +37,6 @@ class SRMethod(Protocol):
 
 def build_method(cfg) -> SRMethod:
     """An untrained model of `cfg.method` from its config (the student loads `resshift.teacher`)."""
-    from samsr.diffusion.samdiffsr import SamDiffSR
-    from samsr.diffusion.samsr import ResShiftTeacher, SamsrStudent
-
     builders = {"samdiffsr": SamDiffSR.from_config, "samsr-teacher": ResShiftTeacher.from_config,
                 "samsr-student": SamsrStudent.from_config}
     return builders[cfg.method](cfg)

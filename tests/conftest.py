@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import services
+from pipelines.local import services
 
 
 @dataclass

@@ -149,3 +149,36 @@ def test_plain_loop_shows_a_progress_bar_only_when_asked(capsys):
     pretrain_rrdb(rrdb, [sample], cfg, 0, iterations=2, progress=False)
     pretrain_rrdb(rrdb, [sample], cfg, 0, iterations=2, progress=None)   # auto: stderr is not a terminal here
     assert capsys.readouterr().err == ""
+
+
+def test_progress_is_ray_datas_bars_in_a_terminal_and_interval_lines_otherwise(caplog):
+    import io
+    import logging
+
+    from ray.data import DataContext
+
+    from pipelines.rayenv import RowProgress, data_progress_bars
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    before = DataContext.get_current().enable_progress_bars
+    try:
+        assert data_progress_bars(Terminal()) is True and DataContext.get_current().enable_progress_bars
+        assert data_progress_bars(io.StringIO()) is False and not DataContext.get_current().enable_progress_bars
+    finally:
+        DataContext.get_current().enable_progress_bars = before
+    log = logging.getLogger("pipelines.upscale")
+    with caplog.at_level(logging.INFO, logger="pipelines.upscale"):
+        every = RowProgress(log, "samsr upscale", 3, every_s=0.0)
+        for failed in (False, True, False):
+            every.add(failed)
+        hourly = RowProgress(log, "samsr eval", 3, every_s=3600.0)     # only the last row's line
+        for _ in range(3):
+            hourly.add()
+        quiet = RowProgress(log, "samsr eval", 1, every_s=0.0, quiet=True)  # Ray Data's bars show instead
+        quiet.add()
+    lines = [r.getMessage().rsplit(",", 1)[0] for r in caplog.records]
+    assert lines == ["samsr upscale: 1/3 images, 0 failed", "samsr upscale: 2/3 images, 1 failed",
+                     "samsr upscale: 3/3 images, 1 failed", "samsr eval: 3/3 images, 0 failed"]

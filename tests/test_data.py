@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.photos import bundled_photo
+from pipelines.local.photos import bundled_photo
 from samsr import config
 from samsr.data import lrup_maps, make_batch, prepare_sample
 from samsr.diffusion.samnoise import whole_image_stats

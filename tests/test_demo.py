@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from pipelines.cli import main
-from pipelines.photos import HELD_OUT
+from pipelines.local.photos import HELD_OUT
 from samsr.checkpoint import load_checkpoint
 
 # Bicubic ×4, Y channel, 4 px border, central 128 px crops of the held-out photos: deterministic.

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipelines import cli
 from pipelines import eval as eval_job
-from pipelines.photos import bundled_photo
+from pipelines.local.photos import bundled_photo
 from samsr import config, evaluation, images, storage
 from samsr.checkpoint import save_checkpoint
 from samsr.data import lr_upsampled

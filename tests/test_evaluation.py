@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.photos import bundled_photo
+from pipelines.local.photos import bundled_photo
 from samsr import config, evaluation
 from samsr.data import lr_upsampled
 from samsr.diffusion.samdiffsr import SamDiffSR

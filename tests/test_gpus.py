@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipelines import cli
-from pipelines.photos import bundled_photo
+from pipelines.local.photos import bundled_photo
 from pipelines.rayenv import ResourceUnavailable, require_gpus
 from samsr import config
 from samsr.checkpoint import save_checkpoint

@@ -197,7 +197,7 @@ def test_samdiffsr_tiny_tiled_and_whole():
 
 
 def test_upscale_array_runs_sam_once_for_the_student_and_returns_uint8():
-    from pipelines.photos import bundled_photo
+    from pipelines.local.photos import bundled_photo
     from samsr import config, images
     from samsr.diffusion.samsr import ResShiftTeacher, SamsrStudent
     from samsr.infer import upscale_array

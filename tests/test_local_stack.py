@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import local
-from pipelines.photos import HELD_OUT, TRAIN
+from pipelines.local.photos import HELD_OUT, TRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Your own runs on the local stack"

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.mlflow_model import INFERENCE_REQUIREMENTS, log_model, model_requirements
-from pipelines.photos import bundled_photo
+from pipelines.tracking.model import INFERENCE_REQUIREMENTS, log_model, model_requirements
+from pipelines.local.photos import bundled_photo
 from samsr import config
 from samsr.checkpoint import save_checkpoint
 from samsr.diffusion.samsr import ResShiftTeacher
@@ -108,7 +108,7 @@ def test_registered_model_loads_by_alias_in_a_fresh_process(mlflow_server, tmp_p
     sr = np.load(tmp_path / "sr.npy")
     assert sr.shape == (2, 48, 64, 3) and sr.dtype == np.uint8
     # the same numbers as our own loader and sampler with that seed
-    from pipelines.mlflow_model import load_method
+    from pipelines.tracking.model import load_method
     from samsr.infer import upscale_array
 
     method, mcfg = load_method(uri, tracking_uri=mlflow_server)
@@ -116,7 +116,8 @@ def test_registered_model_loads_by_alias_in_a_fresh_process(mlflow_server, tmp_p
     assert np.array_equal(sr[1], expected)
 
     # `samsr eval --model models:/…@alias` logs into the run that trained (logged) that version
-    from pipelines.tracking import log_evaluation, model_run_id
+    from pipelines.tracking.client import model_run_id
+    from pipelines.tracking.runs import log_evaluation
 
     assert model_run_id(client, "models:/tiny-teacher/2") == run.info.run_id
     assert model_run_id(client, "./teacher.pt") is None

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from pipelines import local, photos, quickstart
+from pipelines import local
+from pipelines.local import photos, quickstart
 from samsr import config, images, metrics
 
 BICUBIC_COFFEE_PSNR_Y_256 = 27.128934704400947    # bicubic x4 of coffee's central 256 px: deterministic

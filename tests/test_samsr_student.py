@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.photos import bundled_photo
+from pipelines.local.photos import bundled_photo
 from samsr import config, images, metrics
 from samsr.checkpoint import save_checkpoint
 from samsr.diffusion import samsr as samsr_mod

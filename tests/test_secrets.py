@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest import files_holding
-from pipelines import services
+from pipelines.local import services
 from pipelines.rayenv import worker_env
-from pipelines.tracking import check_tracking_reachable, run_params
+from pipelines.tracking.client import check_tracking_reachable
+from pipelines.tracking.runs import run_params
 from samsr import config
 from samsr.locations import LocationError
 from samsr.redact import redact_config, redact_uri, strip_userinfo

@@ -17,7 +17,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from pipelines import cli, services
+from pipelines import cli
+
+from pipelines.local import services
 from pipelines import shard as shard_job
 from samsr import config, images, storage
 from samsr.data import prepare_sample

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.photos import bundled_photo
+from pipelines.local.photos import bundled_photo
 from samsr import config, storage
 from samsr.checkpoint import load_checkpoint
 from samsr.diffusion.samdiffsr import SamDiffSR
@@ -78,7 +78,7 @@ def test_stream_errors_reach_the_training_loop(shards, tmp_path):
 def test_a_resumed_tracker_logs_no_step_twice(mlflow_server):
     from mlflow import MlflowClient
 
-    from pipelines.tracking import Tracker
+    from pipelines.tracking.runs import Tracker
 
     cfg = config.load("samsr-teacher-tiny", [f"job.tracking_uri={mlflow_server}", "job.experiment=tracker-resume"])
     first = Tracker(cfg, "resumed")
@@ -198,7 +198,7 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
     # the MLflow model: our loader, weights-only, same weights; and the pyfunc predicts SR images
     import mlflow.pyfunc
 
-    from pipelines.mlflow_model import load_method
+    from pipelines.tracking.model import load_method
     method, mcfg = load_method(f"runs:/{run.info.run_id}/model", tracking_uri=mlflow_server)
     assert mcfg.method == "samsr-teacher"
     assert torch.equal(method.state_dict()["net.unet.conv_out.weight"], out_weight)
@@ -289,8 +289,9 @@ def test_use_gpu_on_a_cpu_only_cluster_is_refused_before_training(ray_local, sha
 
 
 def test_cli_flags_map_to_config_overrides_and_bad_splits_are_refused():
-    from pipelines import cli, train
-    from pipelines.tracking import redact_uri, run_params
+    from pipelines import cli, train, train_data
+    from pipelines.tracking.client import redact_uri
+    from pipelines.tracking.runs import run_params
 
     args = cli.build_parser().parse_args(
         ["train", "--config", "samsr-teacher-tiny", "--shards", "s3://b/shards", "--storage", "s3://b/runs",
@@ -300,9 +301,9 @@ def test_cli_flags_map_to_config_overrides_and_bad_splits_are_refused():
     assert (cfg.job.shards, cfg.job.storage, cfg.job.name, cfg.job.num_workers) == ("s3://b/shards", "s3://b/runs", "r1", 4)
     assert (cfg.job.use_gpu, cfg.job.experiment, cfg.job.tracking_uri, cfg.train.iterations) == (True, "e", "http://h:5000", 9)
     assert cfg.job.val == "s3://b/val-hr"
-    assert train.per_worker_batch(cfg) == 2
+    assert train_data.per_worker_batch(cfg) == 2
     with pytest.raises(config.ConfigError, match="train.batch_size=6 must split evenly over job.num_workers=4"):
-        train.per_worker_batch(config.replace(cfg, train=config.replace(cfg.train, batch_size=6)))
+        train_data.per_worker_batch(config.replace(cfg, train=config.replace(cfg.train, batch_size=6)))
     with pytest.raises(config.ConfigError, match="job.shards"):
         train.run(config.load("samsr-teacher-tiny"))
     assert redact_uri("https://alice:s3cret@mlflow.example:443/x") == "https://***@mlflow.example:443/x"

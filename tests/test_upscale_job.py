@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from pipelines import cli, upscale
-from pipelines.photos import bundled_photo
+from pipelines.local.photos import bundled_photo
 from samsr import config, images, storage
 from samsr.checkpoint import save_checkpoint
 from samsr.diffusion.samsr import ResShiftTeacher, SamsrStudent
@@ -190,7 +190,7 @@ def test_s3_prefix_to_prefix_with_bad_inputs_skips_and_overwrite(ray_local, s3):
 def test_mlflow_model_of_a_samsr_student_runs_sam_in_the_actor(ray_local, mlflow_server, tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from pipelines.mlflow_model import log_model
+    from pipelines.tracking.model import log_model
 
     teacher, _ = untrained_teacher()
     scfg = config.load("samsr-student-tiny")                 # segmenter: the tiny random SAM

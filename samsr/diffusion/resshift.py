@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samsr.config import ResShiftConfig, UNetConfig
+from samsr.diffusion import NoiseFn
 from samsr.diffusion.samnoise import ETA_CLAMP, pixelwise_kappa, pixelwise_sqrt_eta
-from samsr.method import NoiseFn
 from samsr.nets.unet import UNet
 
 Coef = Tensor | float

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from samsr.config import Config
 from samsr.images import upscale
-from samsr.method import NoiseFn
+from samsr.diffusion import NoiseFn
 from samsr.nets.rrdb import RRDBNet
 from samsr.nets.unet import UNet
 

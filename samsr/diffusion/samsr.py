@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samsr.config import Config, ResShiftConfig
+from samsr.diffusion import NoiseFn
 from samsr.diffusion.resshift import Denoiser, ResShiftScheduler, sample, standard_normal, teacher_loss
 from samsr.diffusion.samnoise import hard_noise_scale, image_stats, pixelwise_weight, sam_noise
 from samsr.diffusion.space import Space, build_space
 from samsr.images import to_uint8, upscale
-from samsr.method import NoiseFn
 from samsr.structure.masks import coverage
 
 log = logging.getLogger(__name__)

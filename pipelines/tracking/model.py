@@ -20,18 +20,19 @@ from typing import Any, Sequence
 import mlflow.pyfunc
 import numpy as np
 
+from pipelines.tracking.client import check_tracking_reachable, no_secret_links, registered_model_ref
 from samsr import config as config_mod
 from samsr.checkpoint import load_checkpoint
 from samsr.config import Config
 
 MODEL_NAME = "model"             # the logged model's name: runs:/<run_id>/model
 CHECKPOINT_KEY = "checkpoint"    # the pyfunc artifact holding the samsr checkpoint
-ENTRY = Path(__file__).with_name("mlflow_entry.py")
+ENTRY = Path(__file__).with_name("entry.py")
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 # what the model's code (samsr/ and this module) imports at inference, as pip distributions; MLflow adds
 # mlflow itself. tests/test_mlflow_model.py checks this against the imports of the modules a prediction loads.
 INFERENCE_REQUIREMENTS = ("torch", "torchvision", "segment-anything", "pycocotools", "numpy", "pillow", "pyyaml",
-                          "scikit-image", "pyarrow")
+                          "scikit-image", "pyarrow", "requests")
 
 
 @contextlib.contextmanager
@@ -120,7 +121,6 @@ def check_model(uri: str, tracking_uri: str | None = None) -> None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipelines.tracking import check_tracking_reachable
     from samsr.redact import redact_uri
 
     client = MlflowClient(tracking_uri or None)
@@ -141,8 +141,6 @@ def _check_mlflow_model(client, uri: str) -> None:
             raise FileNotFoundError(f"MLflow run {run_id} has no artifacts under {path or MODEL_NAME!r} ({uri!r}); "
                                     f"`samsr train` logs its model as runs:/<run_id>/{MODEL_NAME}")
     elif uri.startswith("models:/"):
-        from pipelines.tracking import registered_model_ref
-
         name, alias, ref = registered_model_ref(uri)
         if alias:
             client.get_model_version_by_alias(name, alias)
@@ -154,12 +152,13 @@ def _check_mlflow_model(client, uri: str) -> None:
 
 class SamsrPyfunc(mlflow.pyfunc.PythonModel):
     """predict(LR uint8 batch (n,h,w,3): one image is lr[None]) -> SR uint8 batch (n,h·s,w·s,3);
-    params {"seed": int}. MLflow checks the input against the signature before predict is called."""
+    params {"seed": int}. MLflow checks the input against the logged signature before predict is called
+    (the np.ndarray hint tells it there is no type-hint schema to infer)."""
 
     def load_context(self, context) -> None:
         self.method, self.cfg, self.segmenter, self.device = load_for_inference(context.artifacts[CHECKPOINT_KEY])
 
-    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         from samsr.infer import upscale_array
 
         batch = np.asarray(model_input, dtype=np.uint8)
@@ -178,9 +177,10 @@ def model_requirements() -> list[str]:
 
 def code_paths() -> list[str]:
     """The packages the model carries: samsr (the networks and sampler) and pipelines (this wrapper)."""
+    import pipelines
     import samsr
 
-    return [str(Path(samsr.__file__).parent), str(Path(__file__).parent)]
+    return [str(Path(samsr.__file__).parent), str(Path(pipelines.__file__).parent)]
 
 
 def model_signature(cfg: Config):
@@ -204,8 +204,6 @@ def log_model(tracking_uri: str, run_id: str, checkpoint_path: str, register: st
     """Log the checkpoint as the run's MLflow model `model` (pyfunc from code, no pickle); with `register`,
     also as a new version of registered model `register`, `alias` pointing at it. Returns that version."""
     import mlflow
-
-    from pipelines.tracking import no_secret_links
 
     cfg = load_checkpoint(checkpoint_path)["config"]
     client = mlflow.MlflowClient(tracking_uri)

@@ -4,7 +4,7 @@ against bicubic with the evaluation code of `samsr eval` (samsr/evaluation.py).
 SAM-DiffSR: pretrain the RRDB, train the structure-modulated diffusion (EMA weights), sample.
 SAMSR: train the ResShift teacher, distil the one-step student from its EMA weights, sample both.
 The default presets are the CPU recipe (`*-cpu`, minutes on 2 cores; benchmarks/RESULTS.md), `--preset
-tiny` is a quick smoke run. Photos and split: pipelines/photos.py (`split="final"`: train on TRAIN,
+tiny` is a quick smoke run. Photos and split: pipelines/local/photos.py (`split="final"`: train on TRAIN,
 score HELD_OUT; `"tune"`: train on TUNE_TRAIN, score TUNE_VAL — where recipes are chosen).
 Writes `<photo>.png` side-by-sides (bicubic | models | HR), `metrics.json` and the trained models as samsr
 checkpoints (`samdiffsr.pt`, `samsr-teacher.pt`, `samsr-student.pt`: `samsr eval/upscale --model`) under `out_dir`.
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipelines import photos
-from pipelines.photos import bundled_photo
+from pipelines.local import photos
+from pipelines.local.photos import bundled_photo
 from samsr import config as config_mod
 from samsr import evaluation
 from samsr.checkpoint import save_checkpoint

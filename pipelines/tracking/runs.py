@@ -3,69 +3,28 @@
 A run gets the flattened config as params, metrics by step, sample grids LR↑|SR|HR as step images
 (`log_image(key="samples", step=…)`: the UI's step slider), system metrics of rank 0's node
 (`system/…`, every `job.system_metrics_s`), the latest checkpoint as an artifact, and at the end the
-MLflow model, registered as a new version of `job.register` with alias `job.register_alias` when set. Its id travels in our checkpoints, so a resumed Ray Train run reopens the
-same MLflow run. Without a tracking URI (`job.tracking_uri` or $MLFLOW_TRACKING_URI) nothing is
+MLflow model (model.py), registered as a new version of `job.register` with alias `job.register_alias`
+when set. Its id travels in our checkpoints, so a resumed Ray Train run reopens the same MLflow run. Without a tracking URI (`job.tracking_uri` or $MLFLOW_TRACKING_URI) nothing is
 logged and the job says so once. Credentials never reach params or logs: user:password in a URI is
 redacted, and MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD variables are read by its client.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 from typing import Mapping
 
 import numpy as np
 
+from pipelines.tracking.client import (experiment_id_for, model_run_id, redact_uri, terminate,
+                                       tracking_uri)
+from pipelines.tracking.model import log_model
 from samsr import config as config_mod
-from samsr import redact
 from samsr.config import Config
 
 log = logging.getLogger(__name__)
 
-PARAM_BATCH = 100            # MLflow accepts at most 100 params per log_batch call
 PARAM_VALUE_MAX = 6000
-
-
-def redact_uri(uri: str) -> str:
-    """scheme://user:p@ss@host -> scheme://***@host, presigned signatures -> *** (samsr.redact: where
-    userinfo ends, `@ : /` in passwords); anything else unchanged."""
-    return redact.redact_uri(uri)
-
-
-def tracking_uri(cfg: Config) -> str:
-    return cfg.job.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-
-
-REACH_TIMEOUT_S = 5.0
-
-
-def check_tracking_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
-    """Fail in seconds, before any work, when the MLflow server at `uri` does not answer: one GET of its
-    `/health` (one try, `timeout` s to connect and to read; proxies and CA settings as MLflow's own client
-    uses them), where MLflow's client would retry silently for minutes. Any HTTP answer below 500 (401
-    and 404 included: a server is there) counts as reachable; no URI, or a non-HTTP one (file:, sqlite:,
-    databricks), is not checked. Raises samsr.locations.LocationError, one line, the URI redacted."""
-    import requests
-
-    from samsr.locations import LocationError
-
-    if not uri.lower().startswith(("http://", "https://")):
-        return
-    clean = redact.strip_userinfo(uri)                      # userinfo never goes on the wire here
-    health = clean.split("?", 1)[0].split("#", 1)[0].rstrip("/") + "/health"
-    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true", "yes")
-    verify = False if insecure else (os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True)
-    try:
-        with requests.get(health, timeout=(timeout, timeout), verify=verify, allow_redirects=False, stream=True) as r:
-            if r.status_code < 500:
-                return
-            reason = f"HTTP {r.status_code}"         # a proxy or load balancer with nothing behind it
-    except requests.RequestException as exc:
-        reason = type(exc).__name__
-    raise LocationError(f"the MLflow server {redact_uri(uri)} does not answer (GET {health}, {timeout:.0f} s): "
-                        f"{reason}; check job.tracking_uri / eval.tracking_uri / $MLFLOW_TRACKING_URI")
 
 
 def run_params(cfg: Config) -> dict[str, str]:
@@ -75,20 +34,6 @@ def run_params(cfg: Config) -> dict[str, str]:
         text = redact_uri(value) if isinstance(value, str) else str(value)
         out[key] = text[:PARAM_VALUE_MAX]
     return out
-
-
-def experiment_id_for(client, name: str) -> str:
-    """The id of MLflow experiment `name`, created if missing (tolerates a concurrent creation)."""
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:                   # created meanwhile by a concurrent run
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
 
 
 class Tracker:
@@ -122,9 +67,8 @@ class Tracker:
         self.run_id = run.info.run_id
         from mlflow.entities import Param
 
-        params = [Param(k, v) for k, v in run_params(cfg).items()]
-        for i in range(0, len(params), PARAM_BATCH):
-            self.client.log_batch(self.run_id, params=params[i:i + PARAM_BATCH])
+        # the client splits them into MLflow's 100-per-request batches itself
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in run_params(cfg).items()])
         self._watch_system(resumed=False)
 
     def _watch_system(self, resumed: bool) -> None:
@@ -157,11 +101,9 @@ class Tracker:
             self.client.log_artifact(self.run_id, local_path, artifact_path)
 
     def model(self, checkpoint_path: str) -> None:
-        """Log the checkpoint as the run's MLflow model (pipelines/mlflow_model.py): runs:/<id>/model, and
+        """Log the checkpoint as the run's MLflow model (pipelines/tracking/model.py): runs:/<id>/model, and
         with `job.register` as models:/<register>@<register_alias>."""
         if self.client is not None:
-            from pipelines.mlflow_model import log_model
-
             version = log_model(self.uri, self.run_id, checkpoint_path, self.job.register, self.job.register_alias)
             if version is not None:
                 print(f"samsr train: registered {self.job.register!r} version {version}: "
@@ -172,27 +114,6 @@ class Tracker:
             if self.monitor is not None:
                 self.monitor.finish()
             terminate(self.client, self.run_id, "FINISHED" if ok else "FAILED")
-
-
-def registered_model_ref(uri: str) -> tuple[str, str, str]:
-    """models:/<name>@<alias> -> (name, alias, ""); models:/<name>/<version> -> (name, "", version);
-    models:/<name> -> (name, "", "")."""
-    name, _, version = uri[len("models:/"):].partition("/")
-    name, _, alias = name.partition("@")
-    return name, alias, version
-
-
-def model_run_id(client, model: str) -> str | None:
-    """The MLflow run that logged `model`: runs:/<id>/…, or a registered version models:/<name>@<alias> |
-    models:/<name>/<version>; None for anything else (a checkpoint path, s3://)."""
-    if model.startswith("runs:/"):
-        return model[len("runs:/"):].split("/", 1)[0]
-    if not model.startswith("models:/"):
-        return None
-    name, alias, version = registered_model_ref(model)
-    if alias:
-        return client.get_model_version_by_alias(name, alias).run_id or None
-    return (client.get_model_version(name, version).run_id or None) if version.isdigit() else None
 
 
 def log_evaluation(cfg: Config, set_name: str, summary: Mapping[str, Mapping[str, float]],
@@ -233,36 +154,4 @@ def log_evaluation(cfg: Config, set_name: str, summary: Mapping[str, Mapping[str
     return run_id
 
 
-@contextlib.contextmanager
-def no_secret_links(uri: str):
-    """Within the block, MLflow does not print its "View run … at: <URL>" lines when `uri` carries
-    userinfo: MLflow builds them from the tracking URI, password included, and Ray keeps a worker's
-    stdout in world-readable log files."""
-    flag = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
-    if redact_uri(uri) == uri:
-        yield
-        return
-    before = os.environ.get(flag)
-    os.environ[flag] = "true"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(flag, None)
-        else:
-            os.environ[flag] = before
-
-
-def terminate(client, run_id: str, status: str) -> None:
-    """End a run; for a tracking URI with userinfo, the run's link is printed redacted instead of by MLflow."""
-    uri = client.tracking_uri
-    with no_secret_links(uri):
-        client.set_terminated(run_id, status=status)
-    if redact_uri(uri) != uri:
-        print(f"samsr: MLflow run {run_id} {status.lower()}: {redact_uri(uri).rstrip('/')}/#/experiments/"
-              f"{client.get_run(run_id).info.experiment_id}/runs/{run_id}", flush=True)
-
-
-__all__ = ["Tracker", "terminate", "no_secret_links", "redact_uri", "run_params", "tracking_uri", "check_tracking_reachable", "experiment_id_for",
-           "registered_model_ref", "model_run_id",
-           "log_evaluation"]
+__all__ = ["Tracker", "run_params", "log_evaluation"]

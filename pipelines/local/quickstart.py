@@ -1,7 +1,7 @@
 """`samsr quickstart`: the whole system end to end on bundled photos, on a local stack it starts itself.
 
 1. `samsr local up`: S3 endpoint (moto), MLflow server and a Ray head with token auth on 127.0.0.1.
-2. Uploads the bundled training photos (pipelines/photos.py) to s3://samsr-quickstart/images/, the
+2. Uploads the bundled training photos (pipelines/local/photos.py) to s3://samsr-quickstart/images/, the
    held-out ones to …/holdout-hr/ and two of them as ×4 LR images to …/lr/.
 3. `samsr shard` (Ray Data + the tiny random SAM) -> …/shards/.
 4. `samsr train` (Ray Train, 1 worker) of SAM-DiffSR, logged to MLflow with validation curves (val/*
@@ -77,7 +77,8 @@ def _pipeline(workdir: Path, state: dict, preset: str, iterations: int | None, r
     import boto3
 
     from pipelines import eval as eval_job
-    from pipelines import photos, shard, train, upscale
+    from pipelines import shard, train, upscale
+    from pipelines.local import photos
     from samsr import config, evaluation, images, storage
 
     s3 = boto3.client("s3", endpoint_url=state["s3"])

@@ -1,4 +1,4 @@
-"""`samsr local up|env|status|down`: a development stack on this machine — an S3 endpoint (moto), an MLflow
+"""One machine. This package is `samsr local up|env|status|down`: a development stack on this machine — an S3 endpoint (moto), an MLflow
 server (sqlite, proxied artifacts) and a Ray head with token authentication — all on 127.0.0.1 with
 free ports. Its state (URLs, pids; never the token) is `<dir>/state.json`; the Ray token is
 `<dir>/ray-token` and moto's dummy S3 credentials `<dir>/aws-credentials` (profile `samsr-local`), both
@@ -9,6 +9,9 @@ The head is started with the S3 endpoint and moto's dummy credentials in its own
 (`node_env`), and this interpreter's bin/ first on its PATH (a `ray job submit` entrypoint's `python`
 is the one samsr is installed in), as a cluster node would be: workers inherit them, and no
 runtime_env carries them.
+
+Its modules: services.py (start/stop each service), quickstart.py (the jobs on this stack), demo.py
+(the plain loop, no Ray) and photos.py (the bundled photos they use).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines import services
+from pipelines.local import services
 
 STATE = "state.json"
 TOKEN = "ray-token"
@@ -198,7 +201,7 @@ def add_sample_photos(state: dict[str, Any]) -> str:
     that upscaling them with a 100-step sampler on a laptop takes seconds). Returns `s3://samsr-local/photos`."""
     import boto3
 
-    from pipelines import photos
+    from pipelines.local import photos
     from samsr import images
     from samsr.shards.format import png_bytes
 
