@@ -63,8 +63,8 @@ def test_registered_model_loads_by_alias_in_a_fresh_process(mlflow_server, tmp_p
     save_checkpoint(str(tmp_path / "teacher.pt"), {"model": ResShiftTeacher.from_config(cfg)}, cfg)
     client = MlflowClient(mlflow_server)
     run = client.create_run(client.create_experiment("mlflow-model-test"))
-    assert log_model(mlflow_server, run.info.run_id, str(tmp_path / "teacher.pt"), "tiny-teacher", "candidate") == 1
-    assert log_model(mlflow_server, run.info.run_id, str(tmp_path / "teacher.pt"), "tiny-teacher", "next") == 2
+    assert log_model(mlflow_server, run.info.run_id, str(tmp_path / "teacher.pt"), cfg, "tiny-teacher", "candidate") == 1
+    assert log_model(mlflow_server, run.info.run_id, str(tmp_path / "teacher.pt"), cfg, "tiny-teacher", "next") == 2
     assert client.get_run(run.info.run_id).info.status == "RUNNING"          # the job decides, not log_model
     assert client.get_model_version_by_alias("tiny-teacher", "candidate").version == "1"
     uri = "models:/tiny-teacher@candidate"

@@ -198,7 +198,7 @@ def test_mlflow_model_of_a_samsr_student_runs_sam_in_the_actor(ray_local, mlflow
     save_checkpoint(str(tmp_path / "student.pt"), {"model": student}, scfg)
     client = MlflowClient(mlflow_server)
     run = client.create_run(client.create_experiment("upscale-job-test"))
-    assert log_model(mlflow_server, run.info.run_id, str(tmp_path / "student.pt"), "tiny-student", "champion") == 1
+    assert log_model(mlflow_server, run.info.run_id, str(tmp_path / "student.pt"), scfg, "tiny-student", "champion") == 1
     (tmp_path / "in" / "x").mkdir(parents=True)
     data = encoded(bundled_photo("astronaut")[:24, :24])
     name = "p" * 246 + ".jpg"                                # 250 bytes: output written next to a short temp name

@@ -1,10 +1,11 @@
-"""One machine. This package is `samsr local up|env|status|down`: a development stack on this machine — an S3 endpoint (moto), an MLflow
-server (sqlite, proxied artifacts) and a Ray head with token authentication — all on 127.0.0.1 with
-free ports. Its state (URLs, pids; never the token) is `<dir>/state.json`; the Ray token is
-`<dir>/ray-token` and moto's dummy S3 credentials `<dir>/aws-credentials` (profile `samsr-local`), both
-readable by the owner only. `client_env` gives a process what it needs to use it, `shell_exports` a shell
-(`samsr local env`: the token's and the credentials' *files*, never their contents), `add_sample_photos`
-the bucket `s3://samsr-local` with the bundled photos (`samsr local up` does it).
+"""One machine. This package is `samsr local up|env|status|down`: a development stack on this machine — an
+S3 endpoint (moto), an MLflow server (sqlite, proxied artifacts) and a Ray head with token authentication
+— all on 127.0.0.1 with free ports. Its state (URLs, pids; never the token) is `<dir>/state.json`; the
+Ray token is `<dir>/ray-token` and moto's dummy S3 credentials `<dir>/aws-credentials` (profile
+`samsr-local`), both readable by the owner only. `client_env` gives a process what it needs to use it,
+`shell_exports` a shell (`samsr local env`: the token's and the credentials' *files*, never their
+contents), `add_sample_photos` the bucket `s3://samsr-local` with the bundled photos (`samsr local up`
+does it).
 The head is started with the S3 endpoint and moto's dummy credentials in its own environment
 (`node_env`), and this interpreter's bin/ first on its PATH (a `ray job submit` entrypoint's `python`
 is the one samsr is installed in), as a cluster node would be: workers inherit them, and no

@@ -199,13 +199,13 @@ def input_example() -> np.ndarray:
     return np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), -1)[None].astype(np.uint8)
 
 
-def log_model(tracking_uri: str, run_id: str, checkpoint_path: str, register: str = "",
+def log_model(tracking_uri: str, run_id: str, checkpoint_path: str, cfg: Config, register: str = "",
               alias: str = "") -> int | None:
-    """Log the checkpoint as the run's MLflow model `model` (pyfunc from code, no pickle); with `register`,
-    also as a new version of registered model `register`, `alias` pointing at it. Returns that version."""
+    """Log the checkpoint (whose config is `cfg`: the signature's default seed) as the run's MLflow model
+    `model` (pyfunc from code, no pickle); with `register`, also as a new version of registered model
+    `register`, `alias` pointing at it. Returns that version."""
     import mlflow
 
-    cfg = load_checkpoint(checkpoint_path)["config"]
     client = mlflow.MlflowClient(tracking_uri)
     status = client.get_run(run_id).info.status
     with _tracking(tracking_uri), no_secret_links(tracking_uri), mlflow.start_run(run_id=run_id):

@@ -4,7 +4,8 @@ A run gets the flattened config as params, metrics by step, sample grids LR↑|S
 (`log_image(key="samples", step=…)`: the UI's step slider), system metrics of rank 0's node
 (`system/…`, every `job.system_metrics_s`), the latest checkpoint as an artifact, and at the end the
 MLflow model (model.py), registered as a new version of `job.register` with alias `job.register_alias`
-when set. Its id travels in our checkpoints, so a resumed Ray Train run reopens the same MLflow run. Without a tracking URI (`job.tracking_uri` or $MLFLOW_TRACKING_URI) nothing is
+when set. Its id travels in our checkpoints, so a resumed Ray Train run reopens the same MLflow run.
+Without a tracking URI (`job.tracking_uri` or $MLFLOW_TRACKING_URI) nothing is
 logged and the job says so once. Credentials never reach params or logs: user:password in a URI is
 redacted, and MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD variables are read by its client.
 """
@@ -42,7 +43,7 @@ class Tracker:
 
     def __init__(self, cfg: Config, run_name: str, run_id: str | None = None) -> None:
         self.run_id: str | None = None
-        self.job = cfg.job
+        self.cfg = cfg
         self.monitor = None                          # mlflow's SystemMetricsMonitor thread
         self.logged_to: dict[str, int] = {}          # metric -> the last step the run held when resumed
         self.uri = uri = tracking_uri(cfg)
@@ -73,11 +74,11 @@ class Tracker:
 
     def _watch_system(self, resumed: bool) -> None:
         """Start MLflow's system metrics thread for this run (a resumed run continues its steps)."""
-        if self.job.system_metrics_s <= 0:
+        if self.cfg.job.system_metrics_s <= 0:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.job.system_metrics_s,
+        self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.job.system_metrics_s,
                                             resume_logging=resumed, tracking_uri=self.uri)
         self.monitor.start()
 
@@ -104,10 +105,11 @@ class Tracker:
         """Log the checkpoint as the run's MLflow model (pipelines/tracking/model.py): runs:/<id>/model, and
         with `job.register` as models:/<register>@<register_alias>."""
         if self.client is not None:
-            version = log_model(self.uri, self.run_id, checkpoint_path, self.job.register, self.job.register_alias)
+            job = self.cfg.job
+            version = log_model(self.uri, self.run_id, checkpoint_path, self.cfg, job.register, job.register_alias)
             if version is not None:
-                print(f"samsr train: registered {self.job.register!r} version {version}: "
-                      f"models:/{self.job.register}@{self.job.register_alias}", flush=True)
+                print(f"samsr train: registered {job.register!r} version {version}: "
+                      f"models:/{job.register}@{job.register_alias}", flush=True)
 
     def finish(self, ok: bool) -> None:
         if self.client is not None:
