@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.samsr-installed
 
-.PHONY: install quickstart demo test test-fast clean
+.PHONY: install quickstart demo test test-fast test-quality clean
 
 install: $(STAMP)
 
@@ -22,12 +22,18 @@ quickstart: install
 demo: install
 	$(VENV)/bin/samsr demo --out demo-output
 
+# The whole suite (what CI runs), with the 25 slowest tests printed so their cost stays visible.
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
+# The edit loop: unit tests only, no servers and no training runs (under 3 minutes on 2 cores).
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not services and not quality" $(PYTEST_ARGS)
+
+# Opt-in model-quality checks: the CPU recipes beat bicubic (minutes of training).
+test-quality: install
+	$(PY) -m pytest -q -m quality $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-output samsr-quickstart .samsr-local .pytest_cache

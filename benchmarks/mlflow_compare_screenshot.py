@@ -99,7 +99,8 @@ def main(argv=None) -> int:
                                             f"name={variant.stem}"])
             variant.write_text(config.dump_yaml(cfg))
             name = "sam-diffsr" if modulation else "srdiff-no-structure"
-            runs[name] = quickstart.run(work, keep=True, preset=str(variant), name=name, samples=args.samples)
+            runs[name] = quickstart.run(work, keep=True, presets=[str(variant)], name=name, samples=args.samples,
+                                        eval_crop=256)
         pictures(local.read_state(work / "stack")["mlflow"], Path(args.out), args.wait_ms)
         print(f"wrote {args.out}")
         for name, r in runs.items():

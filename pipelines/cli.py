@@ -150,8 +150,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from pipelines.local import quickstart
 
-    quickstart.run(args.workdir, keep=args.keep, iterations=args.iterations, rrdb_iterations=args.rrdb_iterations,
-                   samples=args.samples, preset=args.preset or quickstart.PRESET)
+    quickstart.run(args.workdir, keep=args.keep, presets=args.presets or quickstart.PRESETS, sets=args.overrides,
+                   iterations=[args.iterations, args.student_iterations], samples=args.samples,
+                   eval_crop=args.eval_crop, stack=args.stack)
     return 0
 
 
@@ -285,12 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli_help.add_command(sub, "quickstart")
     p.add_argument("--workdir", default="samsr-quickstart", help="folder for the stack's logs and metrics.json")
     p.add_argument("--keep", action="store_true", help="leave the local stack running (browse the MLflow UI)")
-    p.add_argument("--preset", default=None, help="SAM-DiffSR preset to train (default: the quickstart's)")
-    p.add_argument("--iterations", type=int, default=None, help="diffusion training steps (default: the preset's)")
-    p.add_argument("--rrdb-iterations", type=int, default=None, help="RRDB pretraining steps (default: the preset's)")
+    p.add_argument("--stack", default=None, help="folder of the local stack (default WORKDIR/stack; a stack "
+                   "already running there, e.g. from `samsr local up --dir`, is reused)")
+    p.add_argument("--preset", dest="presets", action="append", default=None, metavar="PRESET",
+                   help="a preset (name or YAML) per training stage, in order; a samsr-student stage distils the "
+                        "stage before it (default: samsr-teacher-cpu, then samsr-student-cpu)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every stage and job (repeatable)")
+    p.add_argument("--iterations", type=int, default=None, help="training steps of the first stage (default: "
+                   "its preset's)")
+    p.add_argument("--student-iterations", type=int, default=None, help="training steps of the second stage "
+                   "(default: its preset's)")
     p.add_argument("--samples", type=int, default=2,
                    help="samples per held-out photo in the final `samsr eval` (default 2: single-sample and "
                         "mean-of-samples scores)")
+    p.add_argument("--eval-crop", type=int, default=0,
+                   help="score central crops of this HR side instead of whole photos (default 0: whole)")
     p.set_defaults(func=_cmd_quickstart)
 
     p = cli_help.add_command(sub, "local")

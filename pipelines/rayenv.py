@@ -30,11 +30,16 @@ WORKER_ENV = (
     "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
     "MLFLOW_TRACKING_INSECURE_TLS",
-    "SAMSR_CACHE_DIR",
+    "SAMSR_CACHE_DIR", "SAMSR_PREFLIGHT_TIMEOUT_S", "SAMSR_S3_CONNECT_TIMEOUT_S", "SAMSR_S3_REQUEST_TIMEOUT_S",
     "NO_PROXY", "no_proxy",
 )
 # URI-valued ones among them: passed without userinfo (`https://user:pw@h` -> `https://h`)
 URI_ENV = frozenset({"AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"})
+
+
+# Workers have no terminal: what they print reaches the driver's log line by line, so no bar redraws there;
+# and Ray Train's patched print (which tees each line to its logger too) would show every line twice.
+WORKER_QUIET = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -52,7 +57,8 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": worker_env()})
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None,
+                 runtime_env={"env_vars": {**worker_env(), **WORKER_QUIET}})
 
 
 def data_progress_bars(stream=None) -> bool:
@@ -64,6 +70,8 @@ def data_progress_bars(stream=None) -> bool:
 
     on = bool(getattr(stream or sys.stderr, "isatty", lambda: False)())
     DataContext.get_current().enable_progress_bars = on
+    if not on:                   # MLflow's artifact download bars (model loading) are redraws too
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     return on
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pipelines import train_data, validation
-from pipelines.rayenv import ensure_ray, entrypoint_parser, require_gpus, run_entrypoint
+from pipelines.rayenv import data_progress_bars, ensure_ray, entrypoint_parser, require_gpus, run_entrypoint
 from pipelines.tracking.client import check_tracking_reachable, tracking_uri
 from pipelines.tracking.runs import Tracker
 from samsr import config as config_mod
@@ -49,6 +49,7 @@ from samsr.train_step import batch_to, make_lr_schedule, make_optimizer, rrdb_pr
 
 MODEL_FILE = "model.pt"          # samsr checkpoint (samsr.checkpoint): what `upscale` and users load
 RESUME_FILE = "resume.pt"        # optimizer + lr schedule state, weights-only loadable
+PROGRESS_S = 30.0                # rank 0's progress line: one per interval (a log file gets no bar redraws)
 
 
 class LossModule(torch.nn.Module):
@@ -239,6 +240,7 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, feed: di
     preview = batch_to(next(batches), device) if rank == 0 and stage != "rrdb" else None
     via = _ViaModule(wrapped)
     t0, seen = time.perf_counter(), 0
+    shown = t0                                 # rank 0 prints a progress line every PROGRESS_S seconds
     for step in range(first, steps + 1):
         batch = batch_to(next(batches), device)
         if stage == "rrdb":
@@ -256,6 +258,11 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, feed: di
                 tracker.metrics(step, scores)
         logs, saves = step % tc.log_every == 0 or is_last, step % tc.checkpoint_every == 0 or is_last
         skipped = feed["skipped"] + feed["source"].skipped() if logs or saves else 0
+        if rank == 0 and (time.perf_counter() - shown >= PROGRESS_S or is_last):
+            shown = time.perf_counter()
+            loss = metrics.get("loss", metrics.get("rrdb_l1", float("nan")))
+            print(f"samsr train: {stage} step {step}/{steps}, loss {loss:.4f}, "
+                  f"{seen / (shown - t0):.1f} samples/s", flush=True)
         if logs:
             values = {**metrics, "lr": opt.param_groups[0]["lr"], "samples_per_s": seen / (time.perf_counter() - t0),
                       "data/skipped_samples": skipped}
@@ -314,6 +321,7 @@ def run(cfg: Config, *, fail_after_steps: int = 0, echo: Callable[[str], None] =
     ensure_ray()
     require_gpus("samsr train", 1.0 if cfg.job.use_gpu else 0.0, cfg.job.num_workers, "no --use-gpu", cfg.job.gpu_wait_s)
     tally = train_data.new_tally()
+    data_progress_bars()       # before the dataset (it keeps a copy of the DataContext): bars only in a terminal
     trainer = TorchTrainer(
         functools.partial(train_loop, tracking=tracking_uri(cfg), tally=tally),
         train_loop_config={"cfg": redact_config(cfg), "fail_after_steps": fail_after_steps, "data": data},

@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 from typing import Collection, Iterable, Mapping
 
-from samsr import storage
+from samsr import storage, timeouts
 
 EXIT_OK = 0            # every good input is done (now or by an earlier run); bad inputs are recorded
 EXIT_INCOMPLETE = 1    # a good input could not be done, or nothing was done (no inputs, all failed)
 EXIT_USAGE = 2         # refused before any work: config, location, model or service errors
 
-PREFLIGHT_TIMEOUT_S = 5.0
 
 
 class LocationError(ValueError):
@@ -63,7 +62,8 @@ def _head_bucket(uri: str) -> None:
 
     bucket, _ = storage._split(uri)
     endpoint = storage.endpoint_url()
-    cfg = Config(region_name=storage.region(), connect_timeout=PREFLIGHT_TIMEOUT_S, read_timeout=PREFLIGHT_TIMEOUT_S,
+    wait = timeouts.preflight()
+    cfg = Config(region_name=storage.region(), connect_timeout=wait, read_timeout=wait,
                  retries={"total_max_attempts": 2, "mode": "standard"},
                  s3={"addressing_style": "path"} if endpoint else None)
     client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
@@ -126,4 +126,4 @@ def failure_counts(rows: Iterable[Mapping], known_bad: Collection[str]) -> dict[
 
 __all__ = ["LocationError", "normalize", "refuse_overlap", "require_input", "require_output", "exit_code",
            "failure_counts",
-           "EXIT_OK", "EXIT_INCOMPLETE", "EXIT_USAGE", "PREFLIGHT_TIMEOUT_S"]
+           "EXIT_OK", "EXIT_INCOMPLETE", "EXIT_USAGE"]

@@ -27,14 +27,14 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from samsr import timeouts
+
 log = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".samsr-tmp"   # in-progress local writes and S3 spools; never listed
 CHUNK = 8 << 20              # bytes per streamed copy request; in-memory spool limit of open_write
 READ_BUFFER = 1 << 20        # open_read's buffer: small reads fetch this much (larger reads go straight)
 S3_MAX_ATTEMPTS = 4          # per request, retries included (AwsStandardS3RetryStrategy); AWS_MAX_ATTEMPTS wins
-S3_CONNECT_TIMEOUT_S = 3.0   # TCP connect: a dead endpoint fails in seconds, not minutes
-S3_REQUEST_TIMEOUT_S = 10.0  # curl's low-speed limit: a request with no bytes moving for this long fails
 _MISSING_MARKS = ("NO_SUCH_BUCKET", "NO_SUCH_KEY", "RESOURCE_NOT_FOUND")
 
 
@@ -133,10 +133,10 @@ def _bucket_region(bucket: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _s3_for(pid: int, endpoint: str | None, region_name: str, identity: str, attempts: int) -> pafs.S3FileSystem:
+def _s3_for(pid: int, endpoint: str | None, region_name: str, identity: str, attempts: int,
+            waits: tuple[float, float]) -> pafs.S3FileSystem:
     # Keyed by pid (the AWS SDK must not cross a fork) and by the environment it was built from.
-    kwargs: dict = dict(region=region_name, connect_timeout=S3_CONNECT_TIMEOUT_S,
-                        request_timeout=S3_REQUEST_TIMEOUT_S,
+    kwargs: dict = dict(region=region_name, connect_timeout=waits[0], request_timeout=waits[1],
                         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
                         background_writes=False,   # True queues every part in memory until it is sent
                         allow_delayed_open=True)   # an object under one part is a single PUT
@@ -151,7 +151,8 @@ def _s3(bucket: str) -> pafs.S3FileSystem:
     identity = hashlib.sha256(f"{os.environ.get('AWS_PROFILE', '')}|{os.environ.get('AWS_ACCESS_KEY_ID', '')}"
                               .encode()).hexdigest()
     attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS)
-    return _s3_for(os.getpid(), endpoint_url(), region() if pinned else _bucket_region(bucket), identity, attempts)
+    return _s3_for(os.getpid(), endpoint_url(), region() if pinned else _bucket_region(bucket), identity, attempts,
+                   timeouts.s3())
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

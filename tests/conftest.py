@@ -1,9 +1,27 @@
 """Shared fixtures: real local services (DESIGN.md "Tests") and torch thread counts.
 
-Kept light at import time: torch is imported inside the fixtures that need it."""
+Kept light at import time: torch is imported inside the fixtures that need it.
+
+The suite must hold up on a 2-core box with another CPU-bound process beside it, so before anything
+imports torch this module sets, for this process and every process it starts (Ray workers, servers,
+CLI subprocesses):
+- OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep at barriers instead of spinning (a 2-thread torch loop
+  spinning against a neighbour stalled for ~35 minutes once); tests also use one torch thread;
+- SAMSR_PREFLIGHT_TIMEOUT_S / SAMSR_S3_*_TIMEOUT_S: the product's reachability timeouts (seconds in
+  production) raised, so a busy server is not taken for a dead one; a closed port is still refused at
+  once, so the refusal tests stay fast.
+
+Markers (pyproject.toml): `slow` (end-to-end, minutes in all), `services` (added here to every test that
+uses a real server: moto, MLflow or Ray), `quality` (opt-in: `pytest -m quality`, not in `make test`).
+`make test-fast` runs what is neither slow nor services nor quality.
+"""
 from __future__ import annotations
 
 import os
+
+TEST_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "SAMSR_PREFLIGHT_TIMEOUT_S": "60", "SAMSR_S3_CONNECT_TIMEOUT_S": "30",
+            "SAMSR_S3_REQUEST_TIMEOUT_S": "120"}
+os.environ.update(TEST_ENV)
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,25 +81,26 @@ def mlflow_server(tmp_path_factory):
         service.stop()
 
 
+SERVICE_FIXTURES = {"s3", "mlflow_server", "ray_local", "ray_head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that (directly or through its fixtures) starts or uses a real server `services`."""
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
-    """Unit tests use tiny tensors: one thread is as fast and avoids OpenMP stalls on shared cores."""
+    """One torch thread in the test process: tiny tensors gain nothing from more, and a second thread
+    on a shared 2-core box only waits (tests/conftest.py doc)."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def two_torch_threads():
-    """For the few tests that train a model for real: use both cores of a CI machine."""
-    import torch
-
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

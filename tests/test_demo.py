@@ -16,12 +16,14 @@ BICUBIC_PSNR_Y_128 = {"coffee": 28.879659751519632, "camera": 24.777711646851472
 
 
 @pytest.mark.slow
-def test_samdiffsr_demo_through_the_cli(tmp_path, capsys, two_torch_threads):
+def test_samdiffsr_demo_through_the_cli(tmp_path, capsys):
     out = tmp_path / "demo"
-    # the tiny preset and a 20-step sampler keep the test in CI's budget; the CPU recipe samples with T = 100
+    # the tiny preset, SAM prompted with 4x4 points, one torch thread and a 20-step sampler keep the test in the
+    # suite's budget; the CPU recipe samples with T = 100
     rc = main(["demo", "--preset", "tiny", "--out", str(out), "--iterations", "40", "--seed", "3",
                "--samples", "2", "--eval-crop", "128", "--set", "train.rrdb_iterations=150",
-               "--set", "train.log_every=50", "--set", "samdiffsr.timesteps=20"])
+               "--set", "train.log_every=50", "--set", "samdiffsr.timesteps=20", "--set", "train.num_threads=1",
+               "--set", "segmenter.points_per_side=4"])
     assert rc == 0
     results = json.loads((out / "metrics.json").read_text())
     assert list(results["models"]) == ["RRDB", "SAM-DiffSR"] and results["samples"] == 2

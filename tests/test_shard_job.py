@@ -1,15 +1,18 @@
 """The shard job (pipelines/shard.py) on real Ray (in-process and a `ray start --head` node) and a real
-moto S3 server: bad and odd inputs, read-back with webdataset and Ray Data, resume after a kill,
-byte-identical reruns, the tiny random SAM in the actor pool, dry-run and the CLI mapping."""
+moto S3 server: bad and odd inputs, the output byte for byte the driver-side writer's with only summaries
+reaching the driver, read-back with webdataset and Ray Data, resume after a kill, byte-identical reruns,
+the tiny random SAM in the actor pool, dry-run and the CLI mapping."""
 from __future__ import annotations
 
 import hashlib
 import io
 import json
 import os
+import pickle
 import subprocess
-import tarfile
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from pipelines import cli
 
 from pipelines.local import services
 from pipelines import shard as shard_job
+from pipelines import shard_stages as stages
 from samsr import config, images, storage
 from samsr.data import prepare_sample
 from samsr.shards import format as fmt
@@ -75,28 +79,95 @@ def read_shards(output: str) -> dict[str, bytes]:
     return {Path(u).name: storage.read_bytes(u) for u in storage.list_files(output, [".tar"])}
 
 
+# The 17-image input (12 good, 5 bad) sharded once for every test that reads the output. Its place is fixed:
+# the source URI is part of each sample's json, and the digests below were taken on it.
+S3_INPUT = "s3://shard-fixture/photos"
+# made by the driver-side writer (commit 22e74be, before shards were written in the workers): tars and
+# previews as bytes, manifests without timings
+BEFORE_THE_MOVE = {
+    "shard-00000.tar": "96f8240f621661197e991421063cbfa25e089d17cfbac317fb97eff9870222a6",
+    "shard-00001.tar": "d2949cbd67354ea5060aef4631b4918710498e09400e68e9c28afe96264af9f2",
+    "shard-00002.tar": "ea320e2e45d016c49b4865f104b86e1abd30c54a931d52a723fa15fc47b9c358",
+    "shard-00003.tar": "5a31fa1e14dcfbfa29ec12d89b5e4bd191371a14d720774b44c041b9ae529ba5",
+    "shard-00004.tar": "84ff92691f909a05b224e1c56abb4864f01b4f8e3c854e4bb4c7baf1d3f6d652",
+    "shard-00000.json": "94d43a9686b317623cd302795840d0fb310229c08305043b8db2eeb4db7f3195",
+    "shard-00001.json": "5fd9338d8d3e2348bed81bcd99f971241df54db9e2cc81335131dcbffdf756a5",
+    "shard-00002.json": "5a56e0e794baf46a99229a54d4ad618c1bf1176d81f0a353e637dcf88543853f",
+    "shard-00003.json": "f8cad8f38715dbdd63cdaf9864c68856326a42d40aa3dabb8391a606a62eed09",
+    "shard-00004.json": "7a13c165da43568f596a859ab99e7d8bd62b5fa6b259c7ce6b1f4e971c57c7b7",
+    "shard-00000.jpg": "4ddd20eff33eac3805925eaf2c6cb2fe6823df90695c8d6131f332952479aed1",
+    "shard-00001.jpg": "86e630c800d4968939df36b117c028f716695621fa57afabd70a8520acf50e50",
+    "shard-00002.jpg": "41104e011994178795a452764454dc6865212607dc934eeac352c7fc7b4b2289",
+    "shard-00003.jpg": "38fba13d50e4b512a2f16b7ff882f45aca24bd6e0566dc8e5880556cd2d9f682",
+    "failures": "f0d98848705b1fc3f850a20cb44a2553bb7d6113bbba8e5420dee4fe12fc26db",
+}
+
+
+def digests(out: str) -> dict[str, str]:
+    """sha256 of the tars, previews, manifests (timings removed) and failures.jsonl under `out`."""
+    got = {Path(u).name: hashlib.sha256(storage.read_bytes(u)).hexdigest()
+           for u in [*storage.list_files(out, [".tar"]), *storage.list_files(f"{out}/_preview", [".jpg"])]}
+    for uri in storage.list_files(f"{out}/_manifest", [".json"]):
+        manifest = json.loads(storage.read_bytes(uri))
+        for s in manifest["samples"]:
+            for timing in ("t_read", "t_decode", "t_segment"):
+                s.pop(timing)
+        got[Path(uri).name] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    got["failures"] = hashlib.sha256(storage.read_bytes(f"{out}/failures.jsonl")).hexdigest()
+    return got
+
+
 @pytest.fixture(scope="module")
 def s3_input(s3):
     client = s3.client()
-    bucket = s3.bucket("shard-in")
+    bucket = s3.bucket("shard-fixture")
     for name, data in GOOD.items():
-        client.put_object(Bucket="shard-in", Key=f"photos/{name}", Body=data)
+        client.put_object(Bucket="shard-fixture", Key=f"photos/{name}", Body=data)
     for name, (data, _) in BAD.items():
-        client.put_object(Bucket="shard-in", Key=f"photos/{name}", Body=data)
-    client.put_object(Bucket="shard-in", Key="photos/README.txt", Body=b"not listed: no image suffix")
-    return f"{bucket}/photos"
+        client.put_object(Bucket="shard-fixture", Key=f"photos/{name}", Body=data)
+    client.put_object(Bucket="shard-fixture", Key="photos/README.txt", Body=b"not listed: no image suffix")
+    assert f"{bucket}/photos" == S3_INPUT
+    return S3_INPUT
 
 
 @pytest.fixture(scope="module")
 def s3_run(s3_input, s3, ray_local):
+    """The job on S3_INPUT, with everything the driver takes out of Ray's object store recorded."""
     out = s3.bucket("shard-out") + "/run1"
-    stats = shard_job.run(shard_cfg(s3_input, out))
-    return out, stats
+    received: list = []
+    real_get = ray_local.get
+
+    def get(refs, *args, **kwargs):
+        value = real_get(refs, *args, **kwargs)
+        received.append(value)
+        return value
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray_local, "get", get)
+        stats = shard_job.run(shard_cfg(s3_input, out))
+    return out, stats, received
+
+
+@pytest.mark.slow
+def test_worker_written_shards_equal_the_driver_written_ones_and_only_summaries_reach_the_driver(s3_run, ray_local):
+    out, stats, received = s3_run
+    assert digests(out) == BEFORE_THE_MOVE
+    # one summary per shard, ints only, a few hundred bytes: no member, array or tar bytes
+    assert len(received) == 5 and all(set(r) == set(stages.SUMMARY_KEYS) for r in received)
+    assert all(type(v) is int for r in received for v in r.values())
+    assert sorted(r["shard"] for r in received) == list(range(5)) and sum(r["images"] for r in received) == 17
+    assert stats["driver_received_bytes_this_run"] == sum(len(pickle.dumps(r)) for r in received)
+    assert stats["driver_received_bytes_this_run"] < 200 * 5 < stats["bytes"] / 100
+    # the segmenter actors are gone when the job returns: the cluster's CPUs are free again
+    deadline = time.monotonic() + 60
+    while ray_local.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_local.available_resources().get("CPU", 0) == 4
 
 
 @pytest.mark.slow
 def test_s3_prefix_every_valid_image_present_bad_ones_reported(s3_input, s3_run):
-    out, stats = s3_run
+    out, stats, _ = s3_run
     assert len(f"photos/{LONG_KEY}".encode()) <= 1024                          # S3's longest key
     assert (stats["ok"], stats["failed"], stats["shards"]) == (12, 5, 5)     # 17 images, 4 per shard
     assert (stats["known_bad"], stats["failed_good"], shard_job.resume.exit_code(stats)) == (5, 0, 0)
@@ -128,7 +199,7 @@ def test_s3_prefix_every_valid_image_present_bad_ones_reported(s3_input, s3_run)
 def test_read_back_with_webdataset_and_ray_data_equals_direct_samsr(s3_input, s3_run, tmp_path, ray_local):
     import webdataset as wds
 
-    out, _ = s3_run
+    out, _, _ = s3_run
     for name, data in read_shards(out).items():
         (tmp_path / name).write_bytes(data)
     rows = list(wds.WebDataset(sorted(str(p) for p in tmp_path.glob("*.tar")), shardshuffle=False))

@@ -283,7 +283,7 @@ def test_dead_endpoint_fails_in_seconds_naming_uri_and_endpoint(s3, monkeypatch)
         t0 = time.monotonic()
         with pytest.raises(StorageError) as info:
             call(uri)
-        assert time.monotonic() - t0 < 15
+        assert time.monotonic() - t0 < 60
         assert not isinstance(info.value, ObjectNotFound)
         assert uri in str(info.value) and "http://127.0.0.1:9" in str(info.value)
 

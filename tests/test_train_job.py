@@ -2,6 +2,8 @@
 MLflow server, checkpoints under Ray Train storage, and resume after a failure into the same MLflow run."""
 from __future__ import annotations
 
+import ast
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -114,7 +116,12 @@ def test_checkpoint_folders_ray_train_does_not_list_are_removed(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_server, shards, tmp_path):
+def test_two_workers_log_to_mlflow_and_a_submitted_rerun_resumes_the_same_run(ray_local, mlflow_server, shards,
+                                                                               tmp_path, ray_head):
+    """The first run (in-process Ray) fails after step 4; the same command, submitted with `ray job submit`
+    to the session's token-auth head, resumes it from the step-3 checkpoint into the same MLflow run."""
+    import sys
+
     from mlflow import MlflowClient
 
     from pipelines import train
@@ -124,13 +131,13 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
     # Train run state: Ray Train V2 exports the loop config)
     password = "pw-" + secrets.token_hex(8)
     with_user = mlflow_server.replace("://", f"://bob:{password}@", 1)
-    cfg = config.load("samsr-teacher-tiny", [
-        f"job.shards={shards}", f"job.storage={tmp_path / 'runs'}", "job.name=resume-test",
-        "job.num_workers=2", f"job.tracking_uri={with_user}", "job.experiment=train-job-test",
-        "job.sample_pool=2", "job.crops_per_sample=2", "train.iterations=6", "train.checkpoint_every=3",
-        "train.log_every=1", "train.batch_size=4", "train.num_threads=1", "data.hr_crop=32",
-        "train.eval_every=3", "job.val_images=1", "job.val_crop=48", "job.register=train-job-teacher",
-        "job.register_alias=smoke", "job.system_metrics_s=0.5"])
+    sets = [f"job.shards={shards}", f"job.storage={tmp_path / 'runs'}", "job.name=resume-test",
+            "job.num_workers=2", "job.experiment=train-job-test",
+            "job.sample_pool=2", "job.crops_per_sample=2", "train.iterations=6", "train.checkpoint_every=3",
+            "train.log_every=1", "train.batch_size=4", "train.num_threads=1", "data.hr_crop=32",
+            "train.eval_every=3", "job.val_images=1", "job.val_crop=48", "job.register=train-job-teacher",
+            "job.register_alias=smoke", "job.system_metrics_s=0.5"]
+    cfg = config.load("samsr-teacher-tiny", [*sets, f"job.tracking_uri={with_user}"])
     with pytest.raises(Exception, match="fail_after_steps"):
         train.run(cfg, fail_after_steps=4)
     client = MlflowClient(mlflow_server)
@@ -144,12 +151,22 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
     orphan = run_dir / "checkpoint_2099-01-01_00-00-00.000000"
     shutil.copytree(kept_before, orphan)
 
-    out = train.run(cfg)                                   # same name + storage: resumes from step 3
+    # the same job again (same name + storage), as a `ray job submit` entrypoint: it resumes from step 3.
+    # A command line is kept in Ray's job table, so this one names the server without userinfo.
+    argv = [sys.executable, "-m", "pipelines.train", "--config", "samsr-teacher-tiny"]
+    for s in [*sets, f"job.tracking_uri={mlflow_server}"]:
+        argv += ["--set", s]
+    proc = ray_head.head.submit(argv, timeout=400)       # tests/conftest.py: one token-auth head per session
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in printed, printed[-4000:]
+    done = re.search(r"samsr train: done at step (\d+); checkpoint (\S+); MLflow run (\w+)", printed)
+    assert done, printed[-4000:]
+    out = {"step": int(done[1]), "checkpoint": done[2], "mlflow_run_id": done[3],
+           "removed": ast.literal_eval(re.search(r"checkpoint\(s\) left by a killed run: (\[.*\])", printed)[1])}
     runs = client.search_runs([exp.experiment_id])
     assert [r.info.run_id for r in runs] == [failed.info.run_id] and runs[0].info.status == "FINISHED"
     run = runs[0]
-    assert out["mlflow_run_id"] == run.info.run_id
-    assert out["metrics"]["step"] == 6 and out["metrics"]["replica_param_spread"] == 0.0
+    assert out["mlflow_run_id"] == run.info.run_id and out["step"] == 6
     assert run.data.params["job.num_workers"] == "2" and run.data.params["train.lr"] == "0.001"
     assert run.data.params["job.tracking_uri"] == mlflow_server.replace("://", "://***@", 1)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
@@ -160,7 +177,7 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "data/skipped_samples")
             if m.step == 6] == [(6, 0.0)]
     # only the checkpoints Ray Train kept are left: the one from before the failure and the last one
-    assert [Path(p).name for p in out["removed_checkpoints"]] == [orphan.name] and not orphan.exists()
+    assert [Path(p).name for p in out["removed"]] == [orphan.name] and not orphan.exists()
     left = sorted(load_checkpoint(str(p / "model.pt"))["extra"]["step"] for p in run_dir.glob("checkpoint_*")
                   if p.is_dir())
     assert left == [3, 6] and (kept_before / "model.pt").exists()
@@ -229,7 +246,7 @@ def test_two_workers_log_to_mlflow_and_resume_the_same_run(ray_local, mlflow_ser
     assert [a.path for a in client.list_artifacts(run.info.run_id, "eval/two-photos")] == ["eval/two-photos/scores.json"]
 
     session = Path(ray_local._private.worker._global_node.get_session_dir_path())
-    leaks = [p for root in (session, tmp_path) for p in root.rglob("*") if p.is_file()
+    leaks = [p for root in (session, tmp_path, Path(ray_head.head.temp_dir)) for p in root.rglob("*") if p.is_file()
              and password.encode() in p.read_bytes()]
     assert leaks == [], [line for p in leaks for line in p.read_text(errors="replace").splitlines() if password in line]
 
@@ -310,28 +327,3 @@ def test_cli_flags_map_to_config_overrides_and_bad_splits_are_refused():
     secret = config.replace(cfg, job=config.replace(cfg.job, tracking_uri="http://u:pw@h:5000"))
     assert run_params(secret)["job.tracking_uri"] == "http://***@h:5000"
     assert [s for s, _ in train.stages(config.load("samdiffsr-tiny"))] == ["rrdb", "diffusion"]
-
-
-@pytest.mark.slow
-def test_ray_job_submit_trains_on_a_local_head(mlflow_server, shards, tmp_path, ray_head):
-    import sys
-
-    from mlflow import MlflowClient
-
-    sets = [f"job.shards={shards}", f"job.storage={tmp_path / 'runs'}", "job.name=submitted",
-            "job.num_workers=2", f"job.tracking_uri={mlflow_server}", "job.experiment=train-job-submit",
-            "job.sample_pool=2", "train.iterations=2", "train.checkpoint_every=2", "train.batch_size=2",
-            "train.log_every=1",
-            "train.num_threads=1", "data.hr_crop=32"]
-    argv = [sys.executable, "-m", "pipelines.train", "--config", "samsr-teacher-tiny"]
-    for s in sets:
-        argv += ["--set", s]
-    proc = ray_head.head.submit(argv, timeout=400)       # tests/conftest.py: one token-auth head per session
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "samsr train: done at step 2" in proc.stdout + proc.stderr
-    client = MlflowClient(mlflow_server)
-    (run,) = client.search_runs([client.get_experiment_by_name("train-job-submit").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.params["job.name"] == "submitted"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
-    (ckpt,) = (tmp_path / "runs" / "submitted").glob("checkpoint_*/model.pt")
-    assert load_checkpoint(str(ckpt))["extra"]["mlflow_run_id"] == run.info.run_id

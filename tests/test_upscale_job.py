@@ -55,7 +55,7 @@ def refused(capsys, argv: list[str], *where: str, entry=cli.main) -> str:
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, (rc, err)
     assert all(w in err for w in where), (where, err)
-    assert time.perf_counter() - t0 < 20, err
+    assert time.perf_counter() - t0 < 60, err
     return err
 
 

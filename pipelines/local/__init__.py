@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.local import services
+from samsr import timeouts
 
 STATE = "state.json"
 TOKEN = "ray-token"
@@ -74,7 +75,8 @@ def status(folder: str | Path) -> dict[str, bool]:
     if not state:
         return {}
     checks = {"s3": state["s3"], "mlflow": state["mlflow"] + "/health", "ray": state["ray_dashboard"] + "/api/version"}
-    return {name: pid_alive(state["pids"][name]) and services.http_ready(url)() for name, url in checks.items()}
+    wait = timeouts.preflight()
+    return {name: pid_alive(state["pids"][name]) and services.http_ready(url, wait)() for name, url in checks.items()}
 
 
 def up(folder: str | Path, num_cpus: int = 8) -> dict[str, Any]:
@@ -115,7 +117,8 @@ def down(folder: str | Path) -> bool:
     state = read_state(folder)
     if not state:
         return False
-    for name in ("ray", "mlflow", "s3"):
+    stop_group(state["pids"]["ray"], timeout=services.RAY_STOP_GRACE_S)
+    for name in ("mlflow", "s3"):
         stop_group(state["pids"][name])
     if state.get("ray_temp_dir"):
         shutil.rmtree(state["ray_temp_dir"], ignore_errors=True)
@@ -186,7 +189,7 @@ def shell_exports(folder: str | Path) -> str:
 SAMPLE_PREFIX = "photos"
 
 
-SAMPLE_LR_CROP = 256     # HR px of the sample LR photos: 64 px LR, a few seconds each for the tiny SAM-DiffSR
+SAMPLE_LR_CROP = 128     # HR px of the sample LR photos: 32 px LR, about a second each for the tiny SAM-DiffSR
 
 
 def _central(img, side: int):
@@ -198,7 +201,7 @@ def _central(img, side: int):
 def add_sample_photos(state: dict[str, Any]) -> str:
     """Create the bucket `samsr-local` (once) and put the bundled photos in it: `photos/train/` (the demo's
     training photos), `photos/holdout/` (the held-out HR photos, cropped to a multiple of 4) and
-    `photos/holdout-lr/` (the ×4 LR of their central 256 px, made as `samsr shard` makes it: small, so
+    `photos/holdout-lr/` (the ×4 LR of their central 128 px, made as `samsr shard` makes it: small, so
     that upscaling them with a 100-step sampler on a laptop takes seconds). Returns `s3://samsr-local/photos`."""
     import boto3
 

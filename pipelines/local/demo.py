@@ -108,10 +108,19 @@ def run(method: str = "samdiffsr", out_dir: str | Path = "demo-output", override
     names = PRESETS[method]
     cfgs = [config_mod.load(f"{names[0]}-{preset}", overrides)]
     cfgs += [config_mod.load(f"{n}-{preset}", [*overrides, *student_overrides]) for n in names[1:]]
+    threads = torch.get_num_threads()
+    if cfgs[0].train.num_threads:
+        torch.set_num_threads(cfgs[0].train.num_threads)
+    try:
+        return _run(method, preset, cfgs, Path(out_dir), seed, iterations, samples, split, eval_crop, echo, progress)
+    finally:
+        torch.set_num_threads(threads)           # the caller's setting again (the demo runs in-process)
+
+
+def _run(method: str, preset: str, cfgs: list, out: Path, seed: int, iterations: int | None, samples: int, split: str,
+         eval_crop: int, echo: Callable[[str], None], progress: bool | None) -> dict:
     cfg, scale = cfgs[0], cfgs[0].data.scale
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    out = Path(out_dir)
+
     out.mkdir(parents=True, exist_ok=True)
     train_names, eval_names = SPLITS[split]
     t0 = time.perf_counter()

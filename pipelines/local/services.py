@@ -5,6 +5,7 @@ Each service is a subprocess in its own session with its log in a work directory
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -109,6 +110,8 @@ def start_process(name: str, argv: Sequence[str], ready_check: Callable[[], bool
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)          # what it started before it failed
             raise RuntimeError(f"{name} exited with code {proc.returncode} before it was ready; "
                                f"argv={list(argv)}; log {log_path}:\n{_log_tail(log_path)}")
         if ready_check() and proc.poll() is None:   # not someone else answering on our port
@@ -158,6 +161,10 @@ def start_mlflow(workdir: Path, port: int | None = None, timeout: float = 120.0)
 
 
 RAY_SOCKET_DIR_MAX = 40   # Ray's session dirs hold unix sockets (path limit ~107 chars): keep the root short
+# SIGTERM to a `ray start --block` head's group ends the raylet and its workers within a second, but the
+# leader and the GCS server never exit on it (measured: still there after 20 s), so waiting longer only
+# delays the SIGKILL; a local head keeps nothing that needs a graceful end.
+RAY_STOP_GRACE_S = 3.0
 
 
 @dataclass
@@ -170,8 +177,8 @@ class RayHead(Service):
     token: str = ""
     temp_dir: str = ""
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the head's process group (Ray drains first), then remove its temp dir."""
+    def stop(self, timeout: float = RAY_STOP_GRACE_S) -> None:
+        """Stop the head's process group (SIGTERM, then SIGKILL after `timeout` s), remove its temp dir."""
         super().stop(timeout)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -183,18 +190,24 @@ class RayHead(Service):
     def submit(self, entrypoint: Sequence[str], timeout: float = 600.0,
                agent_wait: float = 90.0) -> subprocess.CompletedProcess:
         """`ray job submit --address <head> -- <entrypoint>` with the token in the environment; waits
-        for the job and returns the finished CLI process. Retried while the head's job agent is still
-        coming up (it answers some seconds after the dashboard)."""
+        for the job and returns the finished CLI process. Retried only while the head's job agent is
+        not ready yet (it answers some seconds after the dashboard): never once a job was submitted."""
         argv = [venv_script("ray"), "job", "submit", "--address", self.url, "--", *entrypoint]
         env = {**os.environ, **self.client_env()}
         deadline = time.monotonic() + agent_wait
         while True:
             proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
-            text = proc.stdout + proc.stderr
-            if proc.returncode == 0 or time.monotonic() > deadline or not (
-                    "No available agent" in text or "Connection" in text):
+            if proc.returncode == 0 or time.monotonic() > deadline or not agent_not_ready(proc.stdout + proc.stderr):
                 return proc
             time.sleep(3)
+
+
+def agent_not_ready(output: str) -> bool:
+    """Whether `ray job submit` printed `output` because the head's job agent is not up yet, so that no
+    job was submitted (a submitted job prints "submitted successfully" first, whatever its end)."""
+    if "submitted successfully" in output:
+        return False
+    return "No available agent" in output or "Failed to connect to Ray" in output or "Connection refused" in output
 
 
 def ray_env(token: str) -> dict[str, str]:
@@ -218,18 +231,26 @@ def start_ray_head(workdir: Path, num_cpus: int = 4, timeout: float = 120.0,
         temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     temp.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(32)
-    port, dash, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
-    # every port explicit: a second Ray on the machine (e.g. an in-process test session) holds the defaults
-    argv = [venv_script("ray"), "start", "--head", "--block", f"--node-ip-address={HOST}", f"--port={port}",
-            "--dashboard-host", HOST, "--dashboard-port", str(dash), "--include-dashboard", "true",
-            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-            "--temp-dir", str(temp), f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats"]
-    url = f"http://{HOST}:{dash}"
-    proc = start_process("ray-head", argv, http_ready(f"{url}/api/version"), workdir,
-                         env={**(env or {}), **ray_env(token)}, url=url, timeout=timeout)
-    return RayHead(name=proc.name, url=url, process=proc.process, log_path=proc.log_path,
-                   gcs_address=f"{HOST}:{port}", token=token, temp_dir=str(temp))
+    tries = 3
+    for attempt in range(tries):       # a port taken between free_port() and Ray's bind: other free ports
+        port, dash, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
+        # every port explicit: a second Ray on the machine (e.g. an in-process test session) holds the defaults
+        argv = [venv_script("ray"), "start", "--head", "--block", f"--node-ip-address={HOST}", f"--port={port}",
+                "--dashboard-host", HOST, "--dashboard-port", str(dash), "--include-dashboard", "true",
+                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+                "--temp-dir", str(temp), f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats"]
+        url = f"http://{HOST}:{dash}"
+        try:
+            proc = start_process("ray-head", argv, http_ready(f"{url}/api/version"), workdir,
+                                 env={**(env or {}), **ray_env(token)}, url=url, timeout=timeout)
+        except RuntimeError:
+            if attempt == tries - 1:
+                raise
+            continue
+        return RayHead(name=proc.name, url=url, process=proc.process, log_path=proc.log_path,
+                       gcs_address=f"{HOST}:{port}", token=token, temp_dir=str(temp))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
-__all__ = ["Service", "RayHead", "start_ray_head", "ray_env", "free_port", "venv_script", "http_ready", "start_process", "start_moto", "HOST"]
+__all__ = ["Service", "RayHead", "start_ray_head", "agent_not_ready", "RAY_STOP_GRACE_S", "ray_env", "free_port", "venv_script", "http_ready", "start_process", "start_moto", "HOST"]

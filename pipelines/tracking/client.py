@@ -22,21 +22,21 @@ def tracking_uri(cfg: Config) -> str:
     return cfg.job.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
 
 
-REACH_TIMEOUT_S = 5.0
-
-
-def check_tracking_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+def check_tracking_reachable(uri: str, timeout: float | None = None) -> None:
     """Fail in seconds, before any work, when the MLflow server at `uri` does not answer: one GET of its
-    `/health` (one try, `timeout` s to connect and to read; proxies and CA settings as MLflow's own client
+    `/health` (one try, `timeout` s to connect and to read, by default samsr.timeouts.preflight(): 5 s or
+    $SAMSR_PREFLIGHT_TIMEOUT_S; proxies and CA settings as MLflow's own client
     uses them), where MLflow's client would retry silently for minutes. Any HTTP answer below 500 (401
     and 404 included: a server is there) counts as reachable; no URI, or a non-HTTP one (file:, sqlite:,
     databricks), is not checked. Raises samsr.locations.LocationError, one line, the URI redacted."""
     import requests
 
+    from samsr import timeouts
     from samsr.locations import LocationError
 
     if not uri.lower().startswith(("http://", "https://")):
         return
+    timeout = timeouts.preflight() if timeout is None else timeout
     clean = redact.strip_userinfo(uri)                      # userinfo never goes on the wire here
     health = clean.split("?", 1)[0].split("#", 1)[0].rstrip("/") + "/health"
     insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true", "yes")
