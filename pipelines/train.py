@@ -325,7 +325,8 @@ def run(cfg: Config, *, fail_after_steps: int = 0, echo: Callable[[str], None] =
     trainer = TorchTrainer(
         functools.partial(train_loop, tracking=tracking_uri(cfg), tally=tally),
         train_loop_config={"cfg": redact_config(cfg), "fail_after_steps": fail_after_steps, "data": data},
-        datasets={"train": train_data.build(cfg, data, sum(steps for _, steps in stages(cfg)), tally)},
+        datasets={"train": train_data.build(cfg, data, sum(steps for _, steps in stages(cfg)), tally,
+                                            concurrency=cfg.job.decode_concurrency or None)},
         scaling_config=ScalingConfig(num_workers=cfg.job.num_workers, use_gpu=cfg.job.use_gpu,
                                      resources_per_worker={"CPU": cfg.job.cpus_per_worker}),
         run_config=RunConfig(name=run_name(cfg), storage_path=path, storage_filesystem=fs,

@@ -128,7 +128,7 @@ class InferConfig:
 # (field, least value, strictly above it) for the job sections' Ray resource settings
 RESOURCE_LIMITS = (("actors", 1, False), ("num_workers", 1, False), ("gpus_per_actor", 0, False),
                    ("gpu_wait_s", 0, False), ("cpus_per_actor", 0, True), ("cpus_per_worker", 0, True),
-                   ("decode_cpus", 0, True))
+                   ("decode_cpus", 0, True), ("decode_concurrency", 0, False))
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,7 @@ class JobConfig:
     sample_pool: int = 16               # local shuffle buffer of each worker, in samples (× crops_per_sample crops)
     crops_per_sample: int = 8           # crops cut from each decoded sample per pass
     decode_cpus: float = 1.0            # CPUs of each Ray Data task that reads, decodes and crops one shard
+    decode_concurrency: int = 0         # such tasks at once; 0 = as many as the CPUs allow (-tiny/-cpu: 2 cores)
     val: str = ""                       # HR images (folder | s3://) to validate on; "" = hold out shard samples
     val_images: int = 4                 # images in the validation set (the first N, sorted); 0 = no validation
     val_crop: int = 256                 # central HR crop side of each validation image (px; 0 = whole image)
@@ -393,8 +394,7 @@ def replace(cfg: Any, **changes: Any) -> Any:
     return dataclasses.replace(cfg, **changes)
 
 
-__all__ = [
-    "Config", "ConfigError", "DataConfig", "SegmenterConfig", "RRDBConfig", "UNetConfig",
-    "SamDiffSRConfig", "ResShiftConfig", "TrainConfig", "InferConfig", "ShardConfig", "JobConfig", "UpscaleConfig", "EvalConfig", "METHODS", "SEGMENTERS",
-    "load", "from_dict", "to_dict", "flatten", "dump_yaml", "parse_override", "presets", "replace",
-]
+__all__ = ["Config", "ConfigError", "DataConfig", "SegmenterConfig", "RRDBConfig", "UNetConfig", "SamDiffSRConfig",
+           "ResShiftConfig", "TrainConfig", "InferConfig", "ShardConfig", "JobConfig", "UpscaleConfig", "EvalConfig",
+           "METHODS", "SEGMENTERS", "load", "from_dict", "to_dict", "flatten", "dump_yaml", "parse_override",
+           "presets", "replace"]

@@ -169,8 +169,31 @@ def check_readme_run(proc: subprocess.CompletedProcess, stack: Path, state: dict
     (run,) = client.search_runs([client.get_experiment_by_name("samsr").experiment_id])
     assert run.info.run_name == "my-run" and run.info.status == "FINISHED"
     assert f"samsr train: model runs:/{run.info.run_id}/model" in proc.stdout
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "rrdb/rrdb_l1")][-1] == 20
+    # SAM-DiffSR's two stages on S3 shards, with S3 storage: each logged by step, both stages' last
+    # checkpoints kept, the RRDB and the denoiser trained away from the job's (seeded) initialisation
+    for key in ("rrdb/rrdb_l1", "loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)][-1] == 20, key
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr_y")] == [20]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "replica_param_spread")] == [0.0]
+    import torch
+
+    from samsr import config, storage
+    from samsr.checkpoint import load_checkpoint
+    from samsr.diffusion.samdiffsr import SamDiffSR
+
+    with pytest.MonkeyPatch.context() as mp:                 # samsr.storage on the stack's S3 endpoint
+        mp.setenv("AWS_ENDPOINT_URL", state["s3"])
+        for name, value in local.LOCAL_AWS.items():
+            mp.setenv(name, value)
+        loaded = [(u, load_checkpoint(u)) for u in storage.list_files(f"s3://{local.BUCKET}/runs/my-run", ["model.pt"])]
+    kept = {c["extra"]["stage"]: (u, c) for u, c in loaded}
+    assert sorted((c["extra"]["stage"], c["extra"]["step"]) for _, c in loaded) == [("diffusion", 20), ("rrdb", 20)]
+    assert f"samsr train: done at step 20; checkpoint {kept['diffusion'][0]}" in proc.stdout
+    cfg = config.load("samdiffsr-tiny")
+    torch.manual_seed(cfg.train.seed)                         # the job's initialisation, untrained
+    init, trained = SamDiffSR.from_config(cfg).state_dict(), kept["diffusion"][1]["state"]["model"]
+    for name in ("rrdb.conv_last.weight", "denoiser.conv_out.weight"):
+        assert trained[name].shape == init[name].shape and not torch.equal(trained[name], init[name]), name
     logged = run.data.metrics
     assert 10.0 < logged["eval/holdout/psnr_y"] < 50.0 and 10.0 < logged["eval/holdout/bicubic_psnr_y"] < 60.0
     assert logged["eval/holdout/delta_psnr_y"] == pytest.approx(
