@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.samsr-installed
 
-.PHONY: install quickstart demo test test-fast test-quality clean
+.PHONY: install quickstart demo test test-fast test-quality test-nodeloss clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ test-fast: install
 # Opt-in model-quality checks: the CPU recipes beat bicubic (minutes of training).
 test-quality: install
 	$(PY) -m pytest -q -m quality $(PYTEST_ARGS)
+
+# Opt-in chaos tests: jobs on Ray's multi-node harness with a worker node killed mid-job (minutes).
+test-nodeloss: install
+	$(PY) -m pytest -q -m nodeloss $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-output samsr-quickstart .samsr-local .pytest_cache

@@ -26,6 +26,12 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
                    help="override one config value, e.g. --set train.lr=1e-4 (repeatable)")
 
 
+def _add_shared_fs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shared-fs", action="store_true", default=None,
+                   help="local paths are on a filesystem every node mounts (checked on each node); without it a "
+                        "multi-node Ray cluster refuses local paths: use s3://")
+
+
 def _add_model_job_args(p: argparse.ArgumentParser) -> None:
     """The flags of the jobs that run a trained model over a listing (upscale, eval)."""
     from pipelines.rayenv import add_model_set
@@ -73,7 +79,7 @@ def shard_overrides(args: argparse.Namespace) -> list[str]:
              "data.scale": args.scale, "shard.samples_per_shard": args.samples_per_shard,
              "shard.actors": args.actors, "shard.gpus_per_actor": args.gpus_per_actor,
              "shard.batch_size": args.batch_size, "shard.limit": args.limit,
-             "shard.lrup_masks": False if args.no_lrup_masks else None}
+             "shard.lrup_masks": False if args.no_lrup_masks else None, "shard.shared_fs": args.shared_fs}
     return _as_overrides(flags, args.overrides)
 
 
@@ -93,7 +99,7 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
              "job.num_workers": args.num_workers, "job.use_gpu": True if args.use_gpu else None,
              "job.experiment": args.experiment, "job.tracking_uri": args.tracking_uri,
              "train.iterations": args.iterations, "job.val": args.val, "job.register": args.register,
-             "job.register_alias": args.alias}
+             "job.register_alias": args.alias, "job.shared_fs": args.shared_fs}
     return _as_overrides(flags, args.overrides)
 
 
@@ -112,7 +118,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _model_job_flags(args: argparse.Namespace, section: str) -> dict:
     """The flags upscale and eval share (`_add_model_job_args`, --model, --tracking-uri) as section.* keys."""
     return {f"{section}.{name}": getattr(args, name)
-            for name in ("model", "actors", "gpus_per_actor", "limit", "tracking_uri")}
+            for name in ("model", "actors", "gpus_per_actor", "limit", "tracking_uri", "shared_fs")}
 
 
 def _model_sets(args: argparse.Namespace) -> list[str]:
@@ -215,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cli_help.add_command(sub, "shard")
     _add_config_args(p, default="samdiffsr")
+    _add_shared_fs(p)
     p.add_argument("--input", required=True, help="folder or s3://bucket/prefix of images (listed recursively)")
     p.add_argument("--output", default="", help="folder or s3://bucket/prefix for shards; rerun to resume")
     p.add_argument("--segmenter", choices=("sam", "superpixel", "tiny-sam"), default=None,
@@ -240,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cli_help.add_command(sub, "train")
     _add_config_args(p, default="samdiffsr")
+    _add_shared_fs(p)
     p.add_argument("--shards", default=None, help="folder or s3:// prefix that `samsr shard` wrote")
     p.add_argument("--storage", default=None, help="folder or s3:// prefix for Ray Train checkpoints (shared "
                                                      "storage on a multi-node cluster)")
@@ -261,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cli_help.add_command(sub, "upscale")
     _add_config_args(p, default="samdiffsr")
+    _add_shared_fs(p)
     _add_model_job_args(p)
     p.add_argument("--input", required=True, help="folder or s3://bucket/prefix of LR images (listed recursively)")
     p.add_argument("--output", required=True, help="folder or s3://bucket/prefix; output keys mirror input keys (.png)")
@@ -269,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cli_help.add_command(sub, "eval")
     _add_config_args(p, default="samdiffsr")
+    _add_shared_fs(p)
     _add_model_job_args(p)
     p.add_argument("--hr", required=True, help="folder or s3://bucket/prefix of HR images (listed recursively)")
     p.add_argument("--lr", default=None, help="LR images matched to HR by key (a/0801.png or a/0801x4.png); "

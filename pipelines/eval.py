@@ -35,7 +35,9 @@ import numpy as np
 
 from pipelines.rayenv import (RowProgress, data_progress_bars, ensure_ray, entrypoint_parser, require_gpus,
                               run_entrypoint)
-from pipelines.upscale import check_model_overrides
+from pipelines import nodes
+from pipelines.tracking.client import tracking_uri
+from pipelines.upscale import check_model_overrides, model_paths
 from samsr import config as config_mod
 from samsr import evaluation, images, locations, redact, storage
 from samsr.config import Config
@@ -203,6 +205,10 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
 
     ec = cfg.eval
     check_inputs(cfg, model_overrides)
+    nodes.check_paths("samsr eval", nodes.job_paths(              # a multi-node cluster: local paths refused or checked
+        ("--hr", ec.hr), ("--lr", ec.lr), ("--output", ec.output), ("--model", ec.model),
+        ("--lpips-weights", ec.lpips_weights), ("the tracking URI", ec.tracking_uri or tracking_uri(cfg)),
+        *model_paths(model_overrides)), ec.shared_fs)
     name = set_name(ec)
     t0 = time.perf_counter()
     items, rows = plan(cfg)

@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from samsr.redact import strip_userinfo
 
@@ -95,32 +96,78 @@ class RowProgress:
 
 
 class ResourceUnavailable(RuntimeError):
-    """The job asked the cluster for GPUs that it does not have and did not get within the wait."""
+    """The job asked for GPUs that the cluster did not free within the wait, or that its own local Ray lacks."""
 
 
-def require_gpus(job: str, per_unit: float, units: int, zero: str, wait_s: float, poll_s: float = 2.0) -> None:
-    """GPUs mean what the settings say: with `per_unit` > 0 the job needs `units` × `per_unit` GPUs. They
-    are asked of the cluster's autoscaler (`request_resources`, so a GPU group at zero replicas scales up)
-    and waited for up to `wait_s`; if the cluster still has fewer, ResourceUnavailable names what was asked,
-    what is there and how to run on CPU (`zero`, e.g. "--gpus-per-actor 0"). Nothing is probed and nothing
-    falls back to CPU on its own. `per_unit` = 0 returns at once (CPU)."""
+def started_own_ray() -> bool:
+    """Whether this process started the Ray it is connected to (`ray.init()` with no cluster to join), so
+    no autoscaler exists that could add nodes. Ray marks the driver's node object as the head only then
+    (`ray._private.worker`: `Node(head=True)` when it starts one; `head=False, connect_only=True` when it
+    joins a cluster, as under `ray job submit`); Ray Client drivers have no node object."""
     import ray
 
+    node = ray._private.worker.global_worker.node
+    return node is not None and node.is_head()
+
+
+def _to_stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
+def _gpus() -> tuple[float, float]:
+    """(free, total) GPUs of the connected Ray cluster."""
+    import ray
+
+    return ray.available_resources().get("GPU", 0.0), ray.cluster_resources().get("GPU", 0.0)
+
+
+def require_gpus(job: str, per_unit: float, units: int, zero: str, wait_s: float, poll_s: float = 2.0,
+                 line_every_s: float = 30.0, echo: Callable[[str], None] = _to_stderr) -> None:
+    """With `per_unit` > 0 the job needs `units` × `per_unit` FREE GPUs before it starts work; `per_unit` = 0
+    returns at once (CPU), asking nothing. Enough free: returns at once. A Ray this job started itself
+    (`started_own_ray`) has no autoscaler to add any: ResourceUnavailable at once. On a cluster the GPUs are
+    asked of its autoscaler (`request_resources`, so a GPU group at zero replicas scales up; the request is
+    withdrawn on return) and waited for up to `wait_s`, with a line to `echo` (stderr) at the start and
+    every `line_every_s` naming what is needed, free and in the cluster; still short: ResourceUnavailable.
+    Errors name what was asked, what is there and how to run on CPU (`zero`, e.g. "--gpus-per-actor 0").
+    Nothing is probed and nothing falls back to CPU on its own."""
     if per_unit <= 0:
         return
+    need = per_unit * units
+    wanted = f"{need:g} GPU(s) ({units} × {per_unit:g})"
+    free, total = _gpus()
+    if free >= need:
+        return
+    if started_own_ray():
+        raise ResourceUnavailable(
+            f"{job} asks for {wanted} but this job started its own local Ray, which has {free:g} free "
+            f"({total:g} in all) and no autoscaler to add them: point RAY_ADDRESS at a cluster with GPU workers, "
+            f"or pass {zero} to run on CPU")
     from ray.autoscaler.sdk import request_resources
 
-    need = per_unit * units
     request_resources(bundles=[{"GPU": per_unit}] * units)
-    deadline = time.monotonic() + wait_s
+    start = time.monotonic()
+    deadline, next_line = start + wait_s, start + line_every_s
+    echo(f"{job}: waiting up to {wait_s:g} s for {wanted}: {free:g} free, {total:g} in the cluster; "
+         f"asked the autoscaler for {units} bundle(s) of {{GPU: {per_unit:g}}}")
     try:
-        while (have := ray.cluster_resources().get("GPU", 0.0)) < need:
-            if time.monotonic() >= deadline:
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
                 raise ResourceUnavailable(
-                    f"{job} asks for {need:g} GPU(s) ({units} × {per_unit:g}) but the Ray cluster has {have:g} after "
+                    f"{job} asks for {wanted} but the Ray cluster has {free:g} free ({total:g} in all) after "
                     f"{wait_s:g} s of waiting (its autoscaler, if any, was asked for them): add a GPU worker group, "
                     f"raise the wait (gpu_wait_s), or pass {zero} to run on CPU")
-            time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
+            if now >= next_line:
+                next_line += line_every_s
+                echo(f"{job}: still waiting ({now - start:.0f} s of {wait_s:g} s) for {wanted}: {free:g} free, "
+                     f"{total:g} in the cluster")
+            time.sleep(max(0.0, min(poll_s, deadline - now, next_line - now)))
+            free, total = _gpus()
+            if free >= need:
+                return
     finally:
         request_resources(bundles=[])          # the actors themselves hold the GPUs from here on
 

@@ -14,6 +14,14 @@ that is, lies inside or holds the input, a missing input folder/bucket, a missin
 unreachable S3 endpoint, GPUs asked for that the cluster does not bring up within shard.gpu_wait_s.
 An input without images: one line, exit 1, nothing written. Resume: see `pipelines.shard_resume`
 (finished shards are verified by size + sha256, and rebuilt when they differ).
+On a cluster. A lost worker node costs retries, never the job or its bytes: the segmenter actors restart
+without a limit (on another node when theirs is gone) and their calls are retried, so a batch never goes
+to a dead actor for good; decode and write tasks are retried (`NODE_LOSS_RETRIES`), objects lost with the
+node are rebuilt from their lineage, and a write that fails on storage is tried again; every output is a
+function of the plan, so the tars are the bytes an undisturbed run makes. `_stats.json` and
+`failures.jsonl` are written even when a run fails (`shards_missing`: what a rerun will do). A killed
+driver: rerun the same command. Local paths are refused on a multi-node cluster unless `shard.shared_fs`
+(pipelines/nodes.py).
 Exit codes (samsr.locations): 0 when every good image is in a shard (unusable ones are recorded in the
 manifests and failures.jsonl); 1 when a good image failed (read or segmenter error: rerun to retry)
 or no image at all is in a shard.
@@ -29,6 +37,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from pipelines import nodes
 from pipelines import shard_resume as resume
 from pipelines import shard_stages as stages
 from pipelines.rayenv import ensure_ray, entrypoint_parser, require_gpus, run_entrypoint
@@ -39,6 +48,7 @@ from samsr.shards import format as fmt
 from samsr.shards import plan as plan_mod
 
 log = logging.getLogger(__name__)
+NODE_LOSS_RETRIES = 5      # decode and write tasks: attempts after a lost node or a storage error
 
 # ---------------------------------------------------------------- plan, resume, stats
 
@@ -90,10 +100,14 @@ def _write_totals(cfg: Config, plan: plan_mod.Plan, written: int, images_now: in
     failures are kept, so the driver's memory follows the failures, not the size of the dataset)."""
     failures = [{"uri": r["uri"], "key": None, "shard": None, "reason": r["reason"], "message": r["message"]}
                 for r in plan.rejected]
-    ok = tar_bytes = no_hr = no_lrup = 0
+    ok = tar_bytes = no_hr = no_lrup = missing = 0
     segmenter = None
     for i in range(len(plan.shards)):
-        m = json.loads(storage.read_bytes(resume.manifest_uri(cfg.shard.output, i)))
+        uri = resume.manifest_uri(cfg.shard.output, i)
+        if not storage.exists(uri):          # not written (a failed run): counted, redone by a rerun
+            missing += 1
+            continue
+        m = json.loads(storage.read_bytes(uri))
         ok, tar_bytes, segmenter = ok + m["ok"], tar_bytes + m["tar_bytes"], segmenter or m["segmenter"]
         failures += [{"uri": s["uri"], "key": s["key"], "shard": m["shard"], "reason": s["reason"],
                       "message": s["message"]} for s in m["samples"] if s["status"] != "ok"]
@@ -103,7 +117,8 @@ def _write_totals(cfg: Config, plan: plan_mod.Plan, written: int, images_now: in
                         b"".join(fmt.dumps(f) + b"\n" for f in failures))
     stats = {"images_planned": plan.num_images + len(plan.rejected), "ok": ok,
              **locations.failure_counts(failures, resume.KNOWN_BAD),
-             "no_masks": {"hr": no_hr, "lrup": no_lrup}, "shards": len(plan.shards), "bytes": tar_bytes,
+             "no_masks": {"hr": no_hr, "lrup": no_lrup}, "shards": len(plan.shards), "shards_missing": missing,
+             "bytes": tar_bytes,
              **(extra or {}),
              "shards_written_this_run": written, "images_this_run": images_now,
              "seconds_this_run": round(seconds, 3),
@@ -170,11 +185,13 @@ def _execute(cfg: Config, plan: plan_mod.Plan, todo: list[int], progress: Progre
     memory = images.decode_memory(cfg.data.max_pixels)
     _warn_memory(cfg, memory, echo)
     cfg_ref = ray.put(config_mod.to_dict(cfg))
-    # `memory`: a decode holds a few copies of a 2K image; retries: a lost worker (node gone) is redone
-    decode = ray.remote(stages.decode_row).options(num_cpus=0.5, memory=memory, max_retries=3)
-    write = ray.remote(stages.write_shard).options(num_cpus=0.25, max_retries=3)
+    # `memory`: a decode holds a few copies of a 2K image; retries: work of a lost node is redone (see the
+    # module doc), a write that failed on storage is tried again
+    decode = ray.remote(stages.decode_row).options(num_cpus=0.5, memory=memory, max_retries=NODE_LOSS_RETRIES)
+    write = ray.remote(stages.write_shard).options(num_cpus=0.25, max_retries=NODE_LOSS_RETRIES,
+                                                   retry_exceptions=[storage.StorageError, OSError])
     actor_cls = ray.remote(stages.SegmentActor).options(num_cpus=sc.cpus_per_actor, num_gpus=sc.gpus_per_actor,
-                                                        max_restarts=3, max_task_retries=3)
+                                                        max_restarts=-1, max_task_retries=-1)
     actors = [actor_cls.remote(config_mod.to_dict(cfg)) for _ in range(sc.actors)]   # by value: restartable
     turn = itertools.cycle(actors)
     queue, running = list(reversed(todo)), {}
@@ -219,6 +236,10 @@ def run(cfg: Config, *, dry_run: bool = False, fail_after_shards: int | None = N
     plan). Refusals before any work raise ConfigError / LocationError (one line)."""
     check_job(cfg, dry_run)
     cfg = _normalized(cfg)
+    if not dry_run:                     # a multi-node cluster: local paths refused or checked on every node
+        nodes.check_paths("samsr shard", nodes.job_paths(("--input", cfg.shard.input), ("--output", cfg.shard.output),
+                                                         ("the SAM checkpoint", cfg.segmenter.checkpoint)),
+                          cfg.shard.shared_fs)
     if dry_run:
         from pipelines.shard_dryrun import dry_run as do_dry_run
 
@@ -235,13 +256,20 @@ def run(cfg: Config, *, dry_run: bool = False, fail_after_shards: int | None = N
     todo = sorted(why)
     rebuilt = resume.count_reasons(list(why.values()))
     progress = Progress(len(todo), sum(len(plan.shards[i]) for i in todo), fail_after_shards)
-    if todo:
-        ensure_ray()
-        _execute(cfg, plan, todo, progress, echo)
-    seconds = time.perf_counter() - t0
-    stats = _write_totals(cfg, plan, len(progress.written), progress.images_todo, seconds,
-                          {"shards_rebuilt_this_run": rebuilt, "images_not_in_plan": len(new),
-                           "driver_received_bytes_this_run": progress.received_bytes})
+
+    def totals() -> dict:          # written whether the run finished or not: what is done, what failed
+        return _write_totals(cfg, plan, len(progress.written), progress.images_todo, time.perf_counter() - t0,
+                             {"shards_rebuilt_this_run": rebuilt, "images_not_in_plan": len(new),
+                              "driver_received_bytes_this_run": progress.received_bytes})
+
+    try:
+        if todo:
+            ensure_ray()
+            _execute(cfg, plan, todo, progress, echo)
+    except BaseException:
+        totals()
+        raise
+    stats = totals()
     again = f", {sum(rebuilt.values())} of them rebuilt ({', '.join(f'{n} {r}' for r, n in rebuilt.items())})" \
         if rebuilt else ""
     echo(f"samsr shard: {stats['ok']} images ok, {stats['known_bad']} unusable (recorded), {stats['failed_good']} "

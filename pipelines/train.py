@@ -16,6 +16,14 @@ samples held out) and refuses to start when no training sample is left. Bad samp
 counted by the decode tasks (`data/skipped_samples`, over all workers); training stops past
 `job.max_skipped_fraction` of the samples read.
 
+On a cluster. The MLflow run belongs to the job (name + storage), not to a rank: the driver finds it again
+(tags samsr.ray_train_name, samsr.storage) or creates it before any worker starts, hands its id to the
+workers and ends it; rank 0 logs into it, skipping steps the run already holds. A lost worker node (or
+any worker failure) restarts the worker group from the latest checkpoint, up to `job.max_failures` (3)
+times; decode tasks are retried by Ray Data, and the skip tally lives on the driver's node (restartable).
+A killed driver: run the same command again. Local paths are refused on a multi-node cluster unless
+`job.shared_fs` (pipelines/nodes.py).
+
     samsr train --config samsr-teacher --set job.shards=s3://bucket/shards --set job.storage=s3://bucket/runs
     python -m pipelines.train --config ... --set ...        # the same, as a `ray job submit` entrypoint
 """
@@ -32,7 +40,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipelines import train_data, validation
+from pipelines import nodes, train_data, validation
+from pipelines.train_storage import remove_orphan_checkpoints, storage_target  # noqa: F401 (re-exported)
 from pipelines.rayenv import data_progress_bars, ensure_ray, entrypoint_parser, require_gpus, run_entrypoint
 from pipelines.tracking.client import check_tracking_reachable, tracking_uri
 from pipelines.tracking.runs import Tracker
@@ -171,7 +180,9 @@ def train_loop(loop_config: dict[str, Any], tracking: str = "", tally=None) -> N
                 optim_state["ema"] = (state["model"], int(resume["ema_updates"]))
     method.to(device)
     data = loop_config.get("data") or plan_data(cfg)       # the driver's plan (`run` always passes it)
-    tracker = Tracker(cfg, run_name(cfg), resume["mlflow_run_id"]) if rank == 0 else None
+    # rank 0 logs into the job's run, which the driver opened (and ends): a restarted group continues it
+    run_id = loop_config.get("mlflow_run_id") or resume["mlflow_run_id"]
+    tracker = Tracker(cfg, run_name(cfg), run_id, owner=False) if rank == 0 else None
     valset = validation.build(cfg, data["filled"]) if rank == 0 else None
     validator = validation.Validator(cfg, valset, device) if valset is not None else None
     if valset is not None:
@@ -294,14 +305,6 @@ def _run_stage(stage: str, steps: int, first: int, method, cfg: Config, feed: di
         module.requires_grad_(False)
 
 
-def storage_target(uri: str) -> tuple[str, Any]:
-    """Ray Train's (storage_path, storage_filesystem) for a folder or s3:// prefix (endpoint from env)."""
-    if storage.is_s3(uri):
-        fs, path = storage.filesystem(uri)
-        return path, fs
-    return str(Path(uri).expanduser().resolve()), None
-
-
 def run(cfg: Config, *, fail_after_steps: int = 0, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train `cfg` on Ray (the cluster in RAY_ADDRESS, or a local one). Returns the final metrics,
     the checkpoint URI and the MLflow run id."""
@@ -316,15 +319,21 @@ def run(cfg: Config, *, fail_after_steps: int = 0, echo: Callable[[str], None] =
     if not 0.0 <= cfg.job.max_skipped_fraction <= 1.0:
         raise config_mod.ConfigError(f"job.max_skipped_fraction={cfg.job.max_skipped_fraction} must lie in [0, 1]")
     check_tracking_reachable(tracking_uri(cfg))   # an MLflow server that does not answer: one line, in seconds
+    job = cfg.job
+    nodes.check_paths("samsr train", nodes.job_paths(     # a multi-node cluster: local paths refused or checked
+        ("--shards", job.shards), ("--storage", job.storage), ("--val", job.val), ("the tracking URI", tracking_uri(cfg)),
+        ("the teacher checkpoint", cfg.resshift.teacher), ("the SAM checkpoint", cfg.segmenter.checkpoint)), job.shared_fs)
     data = plan_data(cfg)                   # before any worker starts: a rank without samples is refused here
     path, fs = storage_target(cfg.job.storage)
     ensure_ray()
     require_gpus("samsr train", 1.0 if cfg.job.use_gpu else 0.0, cfg.job.num_workers, "no --use-gpu", cfg.job.gpu_wait_s)
     tally = train_data.new_tally()
     data_progress_bars()       # before the dataset (it keeps a copy of the DataContext): bars only in a terminal
+    tracker = Tracker.for_job(cfg, run_name(cfg))     # the driver owns the MLflow run, found again on a rerun
     trainer = TorchTrainer(
         functools.partial(train_loop, tracking=tracking_uri(cfg), tally=tally),
-        train_loop_config={"cfg": redact_config(cfg), "fail_after_steps": fail_after_steps, "data": data},
+        train_loop_config={"cfg": redact_config(cfg), "fail_after_steps": fail_after_steps, "data": data,
+                           "mlflow_run_id": tracker.run_id},
         datasets={"train": train_data.build(cfg, data, sum(steps for _, steps in stages(cfg)), tally,
                                             concurrency=cfg.job.decode_concurrency or None)},
         scaling_config=ScalingConfig(num_workers=cfg.job.num_workers, use_gpu=cfg.job.use_gpu,
@@ -336,36 +345,24 @@ def run(cfg: Config, *, fail_after_steps: int = 0, echo: Callable[[str], None] =
     echo(f"samsr train: {cfg.method} '{run_name(cfg)}' on {cfg.job.num_workers} worker(s), "
          f"{len(data['filled'])} shard(s) with {sum(data['counts'].values())} sample(s)"
          + (f" ({empty} empty shard(s) left out)" if empty else "") + f", global batch {cfg.train.batch_size}")
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training '{run_name(cfg)}' ended without a checkpoint: {result.error}")
+    try:
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"training '{run_name(cfg)}' ended without a checkpoint: {result.error}")
+    except BaseException:
+        tracker.finish(False)
+        raise
+    tracker.finish(True)
     kept = [c.path for c, _ in result.best_checkpoints or []] + [result.checkpoint.path]
     removed = remove_orphan_checkpoints(result.filesystem, result.path, kept)
     echo(f"samsr train: removed {len(removed)} checkpoint(s) left by a killed run: {removed}") if removed else None
     uri = f"s3://{result.checkpoint.path}" if fs is not None else result.checkpoint.path
-    with result.checkpoint.as_directory() as folder:
-        run_id = load_checkpoint(str(Path(folder) / MODEL_FILE))["extra"].get("mlflow_run_id")
+    run_id = tracker.run_id
     out = {"metrics": dict(result.metrics or {}), "checkpoint": storage.join(uri, MODEL_FILE), "mlflow_run_id": run_id,
            "removed_checkpoints": removed}
     echo(f"samsr train: done at step {out['metrics'].get('step')}; checkpoint {out['checkpoint']}"
          + (f"; MLflow run {run_id}" if run_id else ""))
     return out
-
-
-def remove_orphan_checkpoints(fs, run_path: str, kept: list[str]) -> list[str]:
-    """Remove the checkpoint_* folders under a run's Ray Train storage that are not in `kept` (what Ray
-    Train's result lists): a worker that outlived its killed driver, or a deletion cut short, leaves
-    folders that `num_to_keep` never sees. Call only after a completed run. Returns the removed paths."""
-    import pyarrow.fs as pafs
-
-    fs = fs or pafs.LocalFileSystem()
-    keep = {p.rstrip("/") for p in kept}
-    found = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
-    orphans = sorted(i.path for i in found if i.type == pafs.FileType.Directory
-                     and i.base_name.startswith("checkpoint_") and i.path.rstrip("/") not in keep)
-    for path in orphans:
-        fs.delete_dir(path)
-    return orphans
 
 
 def parser():

@@ -59,9 +59,14 @@ def per_worker_batch(cfg: Config) -> int:
 
 
 def new_tally():
+    """The job's SkipTally: 0 CPUs, on the driver's node (the head on a cluster), so that losing a worker
+    node does not take it along; restarted (its counts from zero) and its calls retried if it dies anyway."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(SkipTally).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(SkipTally).options(
+        scheduling_strategy=here).remote()
 
 
 def passes_needed(cfg: Config, data: dict[str, Any], steps: int) -> int:

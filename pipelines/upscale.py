@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import PurePosixPath
@@ -30,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from pipelines import nodes
 from pipelines.rayenv import (RowProgress, data_progress_bars, ensure_ray, entrypoint_parser, require_gpus,
                               run_entrypoint)
 from samsr import config as config_mod
@@ -168,6 +170,12 @@ def check_model_overrides(overrides: Sequence[str]) -> None:
             raise config_mod.ConfigError(f"infer.{name}={getattr(infer, name)} must be >= {least}")
 
 
+def model_paths(overrides: Sequence[str]) -> list[tuple[str, str]]:
+    """The files a `--model-set` points the model at (a SAM checkpoint), for nodes.check_paths."""
+    found = [config_mod.parse_override(text) for text in overrides]
+    return [("the SAM checkpoint", str(value)) for key, value in found if key == "segmenter.checkpoint" and value]
+
+
 def check_job(cfg: Config, model_overrides: Sequence[str] = ()) -> None:
     """Everything that can be wrong before any work, each as one line (ConfigError, LocationError or
     FileNotFoundError), in seconds: required settings, overlapping locations, a missing input folder or
@@ -204,6 +212,10 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
 
     uc = cfg.upscale
     check_job(cfg, model_overrides)
+    nodes.check_paths("samsr upscale", nodes.job_paths(           # a multi-node cluster: local paths refused or checked
+        ("--input", uc.input), ("--output", uc.output), ("--model", uc.model),
+        ("the tracking URI", uc.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")),
+        *model_paths(model_overrides)), uc.shared_fs)
     t0 = time.perf_counter()
     items, rows = plan(cfg)
     if not items and not rows:
@@ -236,7 +248,7 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
     return stats
 
 
-__all__ = ["run", "plan", "check_job", "summarize", "exit_code", "output_key", "decode_row",
+__all__ = ["run", "plan", "check_job", "model_paths", "summarize", "exit_code", "output_key", "decode_row",
            "lr_pixel_limit", "output_size_error", "UpscaleActor", "MANIFEST", "KNOWN_BAD"]
 
 

@@ -18,6 +18,7 @@ uses a real server: moto, MLflow or Ray), `quality` (opt-in: `pytest -m quality`
 from __future__ import annotations
 
 import os
+import time
 
 TEST_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "SAMSR_PREFLIGHT_TIMEOUT_S": "60", "SAMSR_S3_CONNECT_TIMEOUT_S": "30",
             "SAMSR_S3_REQUEST_TIMEOUT_S": "120"}
@@ -81,7 +82,20 @@ def mlflow_server(tmp_path_factory):
         service.stop()
 
 
-SERVICE_FIXTURES = {"s3", "mlflow_server", "ray_local", "ray_head"}
+SERVICE_FIXTURES = {"s3", "mlflow_server", "ray_local", "ray_head", "ray_cluster"}
+
+
+# CI gives the whole run 90 minutes (install included); past this many seconds no further test starts, so a
+# run that has gone wrong ends with its summary (which tests failed, the slowest ones) instead of a kill
+SUITE_BUDGET_S = float(os.environ.get("SAMSR_SUITE_BUDGET_S", "4500"))
+SUITE_START = time.monotonic()
+
+
+def pytest_runtest_setup(item):
+    spent = time.monotonic() - SUITE_START
+    if spent > SUITE_BUDGET_S:
+        pytest.exit(f"the suite has run {spent / 60:.0f} min, past its budget of {SUITE_BUDGET_S / 60:.0f} min "
+                    f"(SAMSR_SUITE_BUDGET_S): not starting {item.nodeid} or anything after it", returncode=1)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -180,3 +194,17 @@ def ray_head(s3, tmp_path_factory):
         assert leaked == [], f"the Ray head's secret key is in files Ray wrote during the session: {leaked}"
     finally:
         shared.head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_local, mlflow_server):
+    """One multi-node cluster per session (DESIGN.md "Tests"; pipelines/local/multinode.py): a 0-CPU head and
+    two worker nodes of 4 logical CPUs. It shares the session's Ray token (set by `ray_local`) and inherits
+    the moto S3 credentials as a node would; MLFLOW_TRACKING_URI points drivers at the session's MLflow."""
+    from pipelines.local.multinode import start_cluster
+
+    cluster = start_cluster(workers=2, cpus_per_node=4, env={"MLFLOW_TRACKING_URI": mlflow_server})
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()

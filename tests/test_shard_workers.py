@@ -43,7 +43,8 @@ def test_gpus_that_never_come_are_refused_before_the_plan_is_written(tmp_path, r
     (tmp_path / "in" / "a.png").write_bytes(GOOD["rgb.png"])
     cfg = shard_cfg(str(tmp_path / "in"), str(tmp_path / "out"), "shard.gpus_per_actor=1", "shard.gpu_wait_s=1")
     t0 = time.perf_counter()
-    with pytest.raises(ResourceUnavailable, match=r"samsr shard asks for 2 GPU\(s\) \(2 × 1\) but the Ray cluster has 0"):
+    with pytest.raises(ResourceUnavailable, match=r"samsr shard asks for 2 GPU\(s\) \(2 × 1\) but this job started "
+                       r"its own local Ray, which has 0 free"):
         shard_job.run(cfg)
     assert time.perf_counter() - t0 < 60
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())     # no _plan.json, nothing

@@ -139,7 +139,8 @@ def test_two_workers_log_to_mlflow_and_a_submitted_rerun_resumes_the_same_run(ra
             "train.log_every=1", "train.batch_size=4", "train.num_threads=1", "data.hr_crop=32",
             "train.eval_every=3", "job.val_images=1", "job.val_crop=48", "job.register=train-job-teacher",
             "job.register_alias=smoke", "job.system_metrics_s=0.5"]
-    cfg = config.load("samsr-teacher-tiny", [*sets, f"job.tracking_uri={with_user}"])
+    # job.max_failures=0: the hook fails every attempt, so Ray Train's restarts would only repeat it
+    cfg = config.load("samsr-teacher-tiny", [*sets, f"job.tracking_uri={with_user}", "job.max_failures=0"])
     with pytest.raises(Exception, match="fail_after_steps"):
         train.run(cfg, fail_after_steps=4)
     client = MlflowClient(mlflow_server)
@@ -193,7 +194,9 @@ def test_two_workers_log_to_mlflow_and_a_submitted_rerun_resumes_the_same_run(ra
     bicubic = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/bicubic_psnr_y")}
     assert sorted(val) == sorted(bicubic) == [3, 6]
     assert len(set(bicubic.values())) == 1 and 15.0 < bicubic[3] < 45.0
-    assert abs(val[6] - bicubic[6]) < 1.0                  # 6 tiny steps from a zero-initialised residual
+    # 6 tiny steps from a zero-initialised residual stay near bicubic (seen: 0.3-1.6 dB; the two ranks' data
+    # order varies), where a diverged model is far off
+    assert abs(val[6] - bicubic[6]) < 3.0
     delta = client.get_metric_history(run.info.run_id, "val/delta_psnr_y")
     assert [m.value for m in delta if m.step == 6] == [pytest.approx(val[6] - bicubic[6])]
     assert {"val/ssim_y", "val/haarpsi", "val/bicubic_haarpsi"} <= set(run.data.metrics)
@@ -284,6 +287,7 @@ def test_use_gpu_on_a_cpu_only_cluster_is_refused_before_training(ray_local, sha
                      "--set", "job.gpu_wait_s=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "samsr train asks for 2 GPU(s) (2 × 1)" in err[0] and "no --use-gpu" in err[0]
+    assert "this job started its own local Ray" in err[0]
     assert not (tmp_path / "runs").exists()
 
 

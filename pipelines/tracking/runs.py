@@ -21,6 +21,7 @@ from pipelines.tracking.client import (experiment_id_for, model_run_id, redact_u
                                        tracking_uri)
 from pipelines.tracking.model import log_model
 from samsr import config as config_mod
+from samsr import locations
 from samsr.config import Config
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,12 @@ class Tracker:
     """One MLflow run; every method is a no-op when there is no tracking URI. A resumed run does not log
     a metric again at a step it already holds (the steps after the checkpoint run again on resume)."""
 
-    def __init__(self, cfg: Config, run_name: str, run_id: str | None = None) -> None:
+    def __init__(self, cfg: Config, run_name: str, run_id: str | None = None, *, owner: bool = True,
+                 system_metrics: bool = True) -> None:
         self.run_id: str | None = None
         self.cfg = cfg
+        self.owner = owner                           # ends the run in finish(); rank 0 works in the driver's run
+        self.system = system_metrics
         self.monitor = None                          # mlflow's SystemMetricsMonitor thread
         self.logged_to: dict[str, int] = {}          # metric -> the last step the run held when resumed
         self.uri = uri = tracking_uri(cfg)
@@ -64,7 +68,7 @@ class Tracker:
         experiment_id = experiment_id_for(self.client, cfg.job.experiment)
         run = self.client.create_run(experiment_id, run_name=run_name,
                                      tags={"samsr.method": cfg.method, "samsr.config": cfg.name,
-                                           "samsr.ray_train_name": run_name})
+                                           "samsr.ray_train_name": run_name, STORAGE_TAG: storage_tag(cfg)})
         self.run_id = run.info.run_id
         from mlflow.entities import Param
 
@@ -74,7 +78,7 @@ class Tracker:
 
     def _watch_system(self, resumed: bool) -> None:
         """Start MLflow's system metrics thread for this run (a resumed run continues its steps)."""
-        if self.cfg.job.system_metrics_s <= 0:
+        if self.cfg.job.system_metrics_s <= 0 or not self.system:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -115,7 +119,42 @@ class Tracker:
         if self.client is not None:
             if self.monitor is not None:
                 self.monitor.finish()
-            terminate(self.client, self.run_id, "FINISHED" if ok else "FAILED")
+            if self.owner:
+                terminate(self.client, self.run_id, "FINISHED" if ok else "FAILED")
+
+    @classmethod
+    def for_job(cls, cfg: Config, run_name: str) -> "Tracker":
+        """The driver's handle on the training job's run: the run this job (name + storage) logged to before
+        — a rerun after a killed driver or a failure, whether or not a checkpoint was written — else a new
+        one. Workers log into it (`Tracker(cfg, name, run_id, owner=False)`); the driver ends it."""
+        uri = tracking_uri(cfg)
+        if not uri:
+            return cls(cfg, run_name)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        found = client.search_runs(
+            [experiment_id_for(client, cfg.job.experiment)], max_results=1, order_by=["attributes.start_time DESC"],
+            filter_string=f"tags.`samsr.ray_train_name` = {_quoted(run_name)} and "
+                          f"tags.`{STORAGE_TAG}` = {_quoted(storage_tag(cfg))}")
+        return cls(cfg, run_name, found[0].info.run_id if found else None, system_metrics=False)
+
+
+STORAGE_TAG = "samsr.storage"
+
+
+def storage_tag(cfg: Config) -> str:
+    """The job's Ray Train storage as a tag (userinfo redacted): with the run name, what identifies the job."""
+    return redact_uri(locations.normalize(cfg.job.storage))
+
+
+def _quoted(value: str) -> str:
+    """An MLflow filter-string literal (its parser has no escapes: the quote the value lacks)."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return quote + value + quote
+    raise config_mod.ConfigError(f"{value!r}: a job name or storage URI with both ' and \" cannot be found again "
+                                 "in MLflow; rename it")
 
 
 def log_evaluation(cfg: Config, set_name: str, summary: Mapping[str, Mapping[str, float]],
