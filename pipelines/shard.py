@@ -236,14 +236,14 @@ def run(cfg: Config, *, dry_run: bool = False, fail_after_shards: int | None = N
     plan). Refusals before any work raise ConfigError / LocationError (one line)."""
     check_job(cfg, dry_run)
     cfg = _normalized(cfg)
-    if not dry_run:                     # a multi-node cluster: local paths refused or checked on every node
-        nodes.check_paths("samsr shard", nodes.job_paths(("--input", cfg.shard.input), ("--output", cfg.shard.output),
-                                                         ("the SAM checkpoint", cfg.segmenter.checkpoint)),
-                          cfg.shard.shared_fs)
     if dry_run:
         from pipelines.shard_dryrun import dry_run as do_dry_run
 
         return do_dry_run(cfg, echo)
+    # a multi-node cluster: local paths refused or checked on every node
+    nodes.check_paths("samsr shard", nodes.job_paths(("--input", cfg.shard.input), ("--output", cfg.shard.output),
+                                                     ("the SAM checkpoint", cfg.segmenter.checkpoint)),
+                      cfg.shard.shared_fs)
     t0 = time.perf_counter()
     if cfg.shard.gpus_per_actor > 0:    # asked before the plan is written: a refusal leaves nothing behind
         ensure_ray()

@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from pipelines.local.services import HOST
@@ -33,7 +33,6 @@ class LocalCluster:
     env: dict
     node_args: dict
     temp_dir: str
-    killed: list = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -67,7 +66,6 @@ class LocalCluster:
         """Remove a worker node at once, no graceful shutdown (the first by id unless `node` is given)."""
         node = node or self.workers()[0]
         self.cluster.remove_node(node, allow_graceful=False)
-        self.killed.append(node.unique_id)
 
     def start(self, argv: Sequence[str], cwd: str | None = None) -> subprocess.Popen:
         """A driver process on this cluster; stdout and stderr in one text pipe."""
