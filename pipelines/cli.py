@@ -79,7 +79,8 @@ def shard_overrides(args: argparse.Namespace) -> list[str]:
              "data.scale": args.scale, "shard.samples_per_shard": args.samples_per_shard,
              "shard.actors": args.actors, "shard.gpus_per_actor": args.gpus_per_actor,
              "shard.batch_size": args.batch_size, "shard.limit": args.limit,
-             "shard.lrup_masks": False if args.no_lrup_masks else None, "shard.shared_fs": args.shared_fs}
+             "shard.lrup_masks": False if args.no_lrup_masks else None, "shard.shared_fs": args.shared_fs,
+             "shard.listing": args.listing, "shard.verify": args.verify}
     return _as_overrides(flags, args.overrides)
 
 
@@ -240,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lrup-masks", action="store_true",
                    help="skip the masks of the upsampled LR (only SAM-DiffSR will be trained)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the sorted listing")
+    p.add_argument("--listing", default=None, metavar="FILE",
+                   help="the input's keys from a file instead of listing it (S3 Inventory CSV/Parquet, or one "
+                        "key or URI per line; local or s3://): for buckets of millions of objects")
+    p.add_argument("--verify", action="store_true", default=None,
+                   help="on resume, also sha256 every finished tar (Ray tasks; reads them all). Default: trusted "
+                        "from one listing (size + ETag/mtime recorded at write)")
     p.add_argument("--dry-run", action="store_true",
                    help="segment a small sample, print images/s per actor and the estimated bytes, "
                         "wall time and GPU-hours; writes nothing")

@@ -29,7 +29,6 @@ or no image at all is in a shard.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import pickle
@@ -42,13 +41,14 @@ from pipelines import shard_resume as resume
 from pipelines import shard_stages as stages
 from pipelines.rayenv import ensure_ray, entrypoint_parser, require_gpus, run_entrypoint
 from samsr import config as config_mod
-from samsr import images, locations, redact, storage
+from samsr import images, listing, locations, redact, storage
 from samsr.config import Config
 from samsr.shards import format as fmt
 from samsr.shards import plan as plan_mod
 
 log = logging.getLogger(__name__)
 NODE_LOSS_RETRIES = 5      # decode and write tasks: attempts after a lost node or a storage error
+VERIFY_IN_FLIGHT = 64      # --verify: tar hashing tasks at once
 
 # ---------------------------------------------------------------- plan, resume, stats
 
@@ -87,39 +87,25 @@ def load_or_build_plan(cfg: Config) -> tuple[plan_mod.Plan, list[str]]:
     if storage.exists(uri):
         saved = plan_mod.plan_from_json(storage.read_bytes(uri))
         plan_mod.check_rerun(saved, cfg)
-        return saved, plan_mod.new_inputs(saved, plan_mod.list_images(saved.input, cfg.shard.limit))
+        return saved, plan_mod.new_inputs(saved, plan_mod.list_images(saved.input, cfg.shard.limit,
+                                                                         cfg.shard.listing))
     plan = plan_mod.build_plan(cfg)
     if plan.num_images or plan.rejected:
         storage.write_bytes(uri, plan_mod.plan_to_json(plan))
     return plan, []
 
 
-def _write_totals(cfg: Config, plan: plan_mod.Plan, written: int, images_now: int, seconds: float,
-                  extra: dict | None = None) -> dict:
-    """failures.jsonl and _stats.json from every manifest, read one at a time (only counts and the
-    failures are kept, so the driver's memory follows the failures, not the size of the dataset)."""
-    failures = [{"uri": r["uri"], "key": None, "shard": None, "reason": r["reason"], "message": r["message"]}
-                for r in plan.rejected]
-    ok = tar_bytes = no_hr = no_lrup = missing = 0
-    segmenter = None
-    for i in range(len(plan.shards)):
-        uri = resume.manifest_uri(cfg.shard.output, i)
-        if not storage.exists(uri):          # not written (a failed run): counted, redone by a rerun
-            missing += 1
-            continue
-        m = json.loads(storage.read_bytes(uri))
-        ok, tar_bytes, segmenter = ok + m["ok"], tar_bytes + m["tar_bytes"], segmenter or m["segmenter"]
-        failures += [{"uri": s["uri"], "key": s["key"], "shard": m["shard"], "reason": s["reason"],
-                      "message": s["message"]} for s in m["samples"] if s["status"] != "ok"]
-        no_hr += sum(s["status"] == "ok" and s.get("hr_masks") == 0 for s in m["samples"])     # all-background E ≡ 0
-        no_lrup += sum(s["status"] == "ok" and s.get("lrup_masks") == 0 for s in m["samples"])  # coverage C ≡ 1
+def _write_totals(cfg: Config, plan: plan_mod.Plan, totals: resume.Totals, written: int, images_now: int,
+                  seconds: float, extra: dict | None = None) -> dict:
+    """failures.jsonl and _stats.json from the tallies of the manifests read on resume and the shards
+    written since (no manifest is read again: the driver's memory follows the failures and the shard
+    count, not the size of the dataset)."""
+    counts, failures = totals.stats(plan)
     storage.write_bytes(storage.join(cfg.shard.output, "failures.jsonl"),
                         b"".join(fmt.dumps(f) + b"\n" for f in failures))
-    stats = {"images_planned": plan.num_images + len(plan.rejected), "ok": ok,
-             **locations.failure_counts(failures, resume.KNOWN_BAD),
-             "no_masks": {"hr": no_hr, "lrup": no_lrup}, "shards": len(plan.shards), "shards_missing": missing,
-             "bytes": tar_bytes,
-             **(extra or {}),
+    totals.save(cfg.shard.output)         # the next rerun's index: no manifest GET for an unchanged shard
+    segmenter = counts.pop("segmenter")
+    stats = {**counts, **(extra or {}),
              "shards_written_this_run": written, "images_this_run": images_now,
              "seconds_this_run": round(seconds, 3),
              "images_per_s_this_run": round(images_now / seconds, 4) if seconds > 0 and images_now else 0.0,
@@ -133,9 +119,9 @@ class Progress:
     """What reaches the driver: one summary per written shard (SUMMARY_KEYS, a few hundred bytes),
     counted here, logged at most every `every_s` seconds, and the test hook `fail_after_shards`."""
 
-    def __init__(self, shards: int, images_todo: int, fail_after_shards: int | None = None,
+    def __init__(self, shards: int, images_todo: int, totals: resume.Totals, fail_after_shards: int | None = None,
                  every_s: float = 30.0) -> None:
-        self.shards, self.images_todo, self.every_s = shards, images_todo, every_s
+        self.shards, self.images_todo, self.every_s, self.totals = shards, images_todo, every_s, totals
         self.fail_after_shards = fail_after_shards
         self.written: list[int] = []
         self.images = self.received_bytes = 0
@@ -146,6 +132,7 @@ class Progress:
             raise RuntimeError(f"a shard writer returned {sorted(summary)}, not a summary")
         self.received_bytes += len(pickle.dumps(summary))
         self.written.append(int(summary["shard"]))
+        self.totals.add(int(summary["shard"]), summary["tally"])
         self.images += int(summary["images"])
         now = time.perf_counter()
         if now - self.last >= self.every_s:
@@ -215,6 +202,23 @@ def _execute(cfg: Config, plan: plan_mod.Plan, todo: list[int], progress: Progre
         for actor in actors:
             ray.kill(actor)
 
+def hash_in_tasks(todo: list[tuple[int, str]]) -> dict[int, tuple[int, str]]:
+    """`--verify`: the sha256 of each (shard id, tar URI), one Ray task per tar on any node (tar bytes
+    go to a worker, never to the driver), at most `VERIFY_IN_FLIGHT` at once."""
+    import ray
+
+    task = ray.remote(resume.file_sha256).options(num_cpus=0.25, max_retries=NODE_LOSS_RETRIES,
+                                                  retry_exceptions=[storage.StorageError, OSError])
+    out, running, queue = {}, {}, list(reversed(todo))
+    while queue or running:
+        while queue and len(running) < VERIFY_IN_FLIGHT:
+            sid, uri = queue.pop()
+            running[task.remote(uri)] = sid
+        done, _ = ray.wait(list(running), num_returns=1)
+        out[running.pop(done[0])] = ray.get(done[0])
+    return out
+
+
 def _normalized(cfg: Config) -> Config:
     """Input and output in `locations.normalize` form: a relative path resumes what the absolute one
     started, and workers read the same absolute paths whatever their working directory."""
@@ -252,13 +256,18 @@ def run(cfg: Config, *, dry_run: bool = False, fail_after_shards: int | None = N
     plan, new = load_or_build_plan(cfg)
     if not plan.num_images and not plan.rejected:
         return _nothing_to_do(cfg)
-    why = resume.check_finished(cfg.shard.output, plan)
+    tallies = resume.Totals()
+    if cfg.shard.verify:
+        ensure_ray()
+    why = resume.check_finished(cfg.shard.output, plan, tallies, cfg.shard.verify, hash_in_tasks,
+                                listing.Progress(f"samsr shard: listing {cfg.shard.output}"))
     todo = sorted(why)
     rebuilt = resume.count_reasons(list(why.values()))
-    progress = Progress(len(todo), sum(len(plan.shards[i]) for i in todo), fail_after_shards)
+    progress = Progress(len(todo), sum(len(plan.shards[i]) for i in todo), tallies, fail_after_shards)
 
     def totals() -> dict:          # written whether the run finished or not: what is done, what failed
-        return _write_totals(cfg, plan, len(progress.written), progress.images_todo, time.perf_counter() - t0,
+        return _write_totals(cfg, plan, tallies, len(progress.written), progress.images_todo,
+                             time.perf_counter() - t0,
                              {"shards_rebuilt_this_run": rebuilt, "images_not_in_plan": len(new),
                               "driver_received_bytes_this_run": progress.received_bytes})
 

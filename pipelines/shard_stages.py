@@ -6,8 +6,9 @@ runs them as Ray tasks and actors; tests call them in one process):
 2. `SegmentActor.segment` (actor, loads the segmenter once): rows -> rows with the structure members
    (masks, SPE, coverage) and a preview thumbnail; the raw arrays are dropped here.
 3. `write_shard` (CPU task, one per shard): all rows of one planned shard -> tar, preview, manifest
-   (written last: a shard is finished when its manifest exists), returning a summary of a few hundred
-   bytes. Tar bytes never leave the task that builds them.
+   (written last: a shard is finished when its manifest exists; it records the tar's size, listing
+   stamp and sha256), returning a summary: counts and the shard's failure rows (a few hundred bytes
+   when its images are good). Tar bytes never leave the task that builds them.
 """
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ import json
 import time
 from typing import Any
 
+from pipelines.shard_resume import shard_tally
 from samsr import config as config_mod
-from samsr import storage
+from samsr import listing, storage
 from samsr.images import ImageError
 from samsr.shards import format as fmt
 from samsr.shards import plan as plan_mod
 from samsr.shards import preview
 from samsr.shards import process
 
-SUMMARY_KEYS = ("shard", "images", "ok", "failed", "tar_bytes")   # all that reaches the driver per shard
+SUMMARY_KEYS = ("shard", "images", "ok", "failed", "tar_bytes", "tally")   # all that reaches the driver per shard
 
 
 def _empty_row(item: dict) -> dict:
@@ -94,15 +96,18 @@ def write_shard(output: str, shard_id: int, write_preview: bool, *batches: list[
     rows = sorted((r for batch in batches for r in batch), key=lambda r: r["index"])
     name = plan_mod.shard_name(shard_id)
     ok = [r for r in rows if r["status"] == "ok"]
-    with storage.open_write(storage.join(output, f"{name}.tar")) as f:     # streamed: no second copy in memory
+    tar_uri = storage.join(output, f"{name}.tar")
+    with storage.open_write(tar_uri) as f:     # streamed: no second copy in memory
         tar = fmt.HashingWriter(f)
         fmt.write_tar(tar, ((r["key"], r["members"]) for r in ok))
+    stamp = listing.stat(tar_uri).stamp        # what a rerun's listing must show to trust the tar unread
     if write_preview and ok:
         thumbs = [fmt.png_array(r["thumb"]) for r in ok if r["thumb"]]
         storage.write_bytes(storage.join(output, "_preview", f"{name}.jpg"), preview.contact_sheet(thumbs))
     metas = {r["key"]: json.loads(r["members"]["json"]) for r in ok}
     manifest = {
         "shard": name, "tar": f"{name}.tar", "tar_bytes": tar.size, "tar_sha256": tar.hexdigest(),
+        "tar_stamp": stamp,
         "ok": len(ok), "failed": len(rows) - len(ok),
         "segmenter": next(iter(metas.values()))["segmenter"] if metas else None,
         "samples": [{"key": r["key"], "uri": r["uri"], "status": r["status"], "reason": r["reason"] or None,
@@ -111,6 +116,7 @@ def write_shard(output: str, shard_id: int, write_preview: bool, *batches: list[
                      "t_read": round(float(r["t_read"]), 4), "t_decode": round(float(r["t_decode"]), 4),
                      "t_segment": round(float(r["t_segment"]), 4)}
                     for r in rows]}
-    storage.write_bytes(storage.join(output, "_manifest", f"{name}.json"), fmt.dumps(manifest))
+    manifest_uri = storage.join(output, "_manifest", f"{name}.json")
+    storage.write_bytes(manifest_uri, fmt.dumps(manifest))
     return {"shard": shard_id, "images": len(rows), "ok": len(ok), "failed": len(rows) - len(ok),
-            "tar_bytes": tar.size}
+            "tar_bytes": tar.size, "tally": shard_tally(manifest, listing.stat(manifest_uri).stamp)}

@@ -28,6 +28,8 @@ class ShardConfig:
     png_compress_level: int = 1         # PIL level: 1 is ~5x faster than 6 for +18% bytes
     preview: bool = True                # _preview/shard-NNNNN.jpg contact sheets
     shared_fs: bool = False             # local paths are on a filesystem every node mounts (checked per node)
+    listing: str = ""                   # a file of the input's keys (S3 Inventory CSV/Parquet, or one per line) instead of LIST
+    verify: bool = False                # on resume also sha256 every finished tar (Ray tasks); default: size + ETag/mtime
 
 
 @dataclass(frozen=True)

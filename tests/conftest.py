@@ -18,6 +18,7 @@ uses a real server: moto, MLflow or Ray), `quality` (opt-in: `pytest -m quality`
 from __future__ import annotations
 
 import os
+import re
 import time
 
 TEST_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "SAMSR_PREFLIGHT_TIMEOUT_S": "60", "SAMSR_S3_CONNECT_TIMEOUT_S": "30",
@@ -34,9 +35,21 @@ from pipelines.local import services
 
 @dataclass
 class S3Endpoint:
-    """A running moto S3 server; the AWS_* environment already points at it."""
+    """A running moto S3 server; the AWS_* environment already points at it. `log` is the server's
+    request log (one line per request): `mark()` then `requests(since)` counts what a job asked."""
     url: str
+    log: Path | None = None
     _buckets: set = field(default_factory=set)
+
+    def mark(self) -> int:
+        return self.log.stat().st_size
+
+    def requests(self, since: int = 0) -> list[tuple[str, str]]:
+        """(method, path) of each request the server logged after `mark()` returned `since`."""
+        with open(self.log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        return re.findall(r'"(?:\x1b\[[0-9;]*m)*(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP', text)
 
     def client(self):
         import boto3
@@ -67,7 +80,7 @@ def s3(tmp_path_factory):
         for var in ("NO_PROXY", "no_proxy"):
             mp.setenv(var, ",".join(filter(None, ["127.0.0.1", "localhost", os.environ.get(var, "")])))
         try:
-            yield S3Endpoint(url=service.url)
+            yield S3Endpoint(url=service.url, log=service.log_path)
         finally:
             service.stop()
 

@@ -96,13 +96,13 @@ def test_a_checkpoint_stores_no_userinfo(tmp_path):
 
 
 def test_shard_stats_store_no_userinfo(tmp_path):
-    from pipelines import shard
+    from pipelines import shard, shard_resume
     from samsr.shards import plan as plan_mod
 
     cfg = secret_config()
     cfg = config.replace(cfg, shard=config.replace(cfg.shard, input=str(tmp_path / "in"), output=str(tmp_path / "out")))
     plan = plan_mod.Plan(input=cfg.shard.input, samples_per_shard=1, fingerprint={}, shards=(), rejected=())
-    shard._write_totals(cfg, plan, 0, 0, 0.0)
+    shard._write_totals(cfg, plan, shard_resume.Totals(), 0, 0, 0.0)
     text = (tmp_path / "out" / "_stats.json").read_text()
     assert "p@s" not in text and "bob" not in text and "u:pw" not in text
     assert json.loads(text)["config"]["job"]["tracking_uri"] == "https://***@mlflow.example:5000/"

@@ -5,6 +5,7 @@ so no Ray is needed here; test_shard_job.py runs them on Ray."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -38,14 +39,15 @@ def shard_in_process(cfg) -> dict:
     shard_job.check_job(cfg)
     cfg = shard_job._normalized(cfg)
     plan, new = shard_job.load_or_build_plan(cfg)
-    why = resume.check_finished(cfg.shard.output, plan)
+    totals = resume.Totals()
+    why = resume.check_finished(cfg.shard.output, plan, totals, cfg.shard.verify)
     cfg_dict = config.to_dict(cfg)
     actor = stages.SegmentActor(cfg_dict)
     for sid in sorted(why):
         rows = [stages.decode_row({"uri": e.uri, "key": e.key, "shard": sid, "index": i}, cfg_dict)
                 for i, e in enumerate(plan.shards[sid])]
-        stages.write_shard(cfg.shard.output, sid, cfg.shard.preview, actor.segment(*rows))
-    return shard_job._write_totals(cfg, plan, len(why), sum(len(plan.shards[i]) for i in why), 1.0,
+        totals.add(sid, stages.write_shard(cfg.shard.output, sid, cfg.shard.preview, actor.segment(*rows))["tally"])
+    return shard_job._write_totals(cfg, plan, totals, len(why), sum(len(plan.shards[i]) for i in why), 1.0,
                                    {"shards_rebuilt_this_run": resume.count_reasons(list(why.values())),
                                     "images_not_in_plan": len(new)})
 
@@ -98,11 +100,19 @@ def test_resume_verifies_each_finished_shard_against_its_manifest(finished, tmp_
     plan, _ = shard_job.load_or_build_plan(cfg)
     assert resume.check_finished(str(out), plan) == {}
     good = {i: (out / f"shard-0000{i}.tar").read_bytes() for i in range(3)}
-    (out / "shard-00000.tar").unlink()
-    (out / "shard-00001.tar").write_bytes(good[1][:-512])
+    # trusted from the listing (size + mtime recorded at write), no byte read: a flip under a restored
+    # mtime passes; --verify hashes every tar and finds it
+    tar2, when = out / "shard-00002.tar", (out / "shard-00002.tar").stat().st_mtime_ns
     flipped = bytearray(good[2])
     flipped[700] ^= 1
-    (out / "shard-00002.tar").write_bytes(bytes(flipped))
+    tar2.write_bytes(bytes(flipped))
+    os.utime(tar2, ns=(when, when))
+    assert resume.check_finished(str(out), plan) == {}
+    assert resume.check_finished(str(out), plan, verify=True) == {2: "tar differs"}
+    tar2.write_bytes(good[2])
+    (out / "shard-00000.tar").unlink()
+    (out / "shard-00001.tar").write_bytes(good[1][:-512])
+    (out / "shard-00002.tar").write_bytes(bytes(flipped))        # a new mtime: not what its manifest recorded
     assert resume.check_finished(str(out), plan) == {0: "tar missing", 1: "tar truncated", 2: "tar differs"}
     stats = shard_in_process(cfg)
     assert stats["shards_rebuilt_this_run"] == {"tar differs": 1, "tar missing": 1, "tar truncated": 1}

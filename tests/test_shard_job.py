@@ -106,6 +106,7 @@ def digests(out: str) -> dict[str, str]:
            for u in [*storage.list_files(out, [".tar"]), *storage.list_files(f"{out}/_preview", [".jpg"])]}
     for uri in storage.list_files(f"{out}/_manifest", [".json"]):
         manifest = json.loads(storage.read_bytes(uri))
+        manifest.pop("tar_stamp")          # the tar's ETag/mtime: where it was written, not what it holds
         for s in manifest["samples"]:
             for timing in ("t_read", "t_decode", "t_segment"):
                 s.pop(timing)
@@ -149,12 +150,14 @@ def s3_run(s3_input, s3, ray_local):
 def test_worker_written_shards_equal_the_driver_written_ones_and_only_summaries_reach_the_driver(s3_run, ray_local):
     out, stats, received = s3_run
     assert digests(out) == BEFORE_THE_MOVE
-    # one summary per shard, ints only, a few hundred bytes: no member, array or tar bytes
+    # one summary per shard: counts and the shard's failure rows (its tally for the totals), a few
+    # hundred bytes; no member, array or tar bytes
     assert len(received) == 5 and all(set(r) == set(stages.SUMMARY_KEYS) for r in received)
-    assert all(type(v) is int for r in received for v in r.values())
+    assert all(type(v) is int for r in received for k, v in r.items() if k != "tally")
     assert sorted(r["shard"] for r in received) == list(range(5)) and sum(r["images"] for r in received) == 17
+    assert sum(r["tally"]["ok"] for r in received) == 12 and sum(len(r["tally"]["failures"]) for r in received) == 5
     assert stats["driver_received_bytes_this_run"] == sum(len(pickle.dumps(r)) for r in received)
-    assert stats["driver_received_bytes_this_run"] < 200 * 5 < stats["bytes"] / 100
+    assert stats["driver_received_bytes_this_run"] < 2000 * 5 < stats["bytes"] / 20
     # the segmenter actors are gone when the job returns: the cluster's CPUs are free again
     deadline = time.monotonic() + 60
     while ray_local.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
@@ -190,6 +193,32 @@ def test_s3_prefix_every_valid_image_present_bad_ones_reported(s3_input, s3_run)
     assert sheet.format == "JPEG" and sheet.size[0] > 64
     plan = json.loads(storage.read_bytes(f"{out}/_plan.json"))
     assert plan["num_images"] == 17 and plan["fingerprint"]["segmenter"]["kind"] == "superpixel"
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_job_reads_no_tar_byte(s3_input, s3_run, s3):
+    """A finished job's rerun trusts its shards from one listing of the output (size + ETag recorded at
+    write) and the index of tallies: no tar GET, no manifest GET; --verify hashes every tar (Ray tasks)."""
+    out, first, _ = s3_run
+    since = s3.mark()
+    stats = shard_job.run(shard_cfg(s3_input, out))
+    asked = s3.requests(since)
+    assert (stats["shards_written_this_run"], stats["ok"], stats["failed"]) == (0, first["ok"], first["failed"])
+    assert not [p for m, p in asked if p.split("?")[0].endswith(".tar")]
+    # the tallies come from the index the first run wrote (each manifest's ETag unchanged in the listing)
+    assert sorted({p for m, p in asked if "/_manifest/" in p}) == ["/shard-out/run1/_manifest/_index.parquet"]
+    assert len(asked) <= 16, asked     # listings, _plan.json, preflight, the index, the two totals files
+    client = s3.client()                 # a manifest rewritten since the index: read again, not trusted blind
+    body = client.get_object(Bucket="shard-out", Key="run1/_manifest/shard-00002.json")["Body"].read()
+    client.put_object(Bucket="shard-out", Key="run1/_manifest/shard-00002.json", Body=body + b" ")
+    since = s3.mark()
+    assert shard_job.run(shard_cfg(s3_input, out))["shards_written_this_run"] == 0
+    assert sorted({p for m, p in s3.requests(since) if m == "GET" and "/_manifest/s" in p}) == \
+        ["/shard-out/run1/_manifest/shard-00002.json"]
+    since = s3.mark()
+    stats = shard_job.run(shard_cfg(s3_input, out, "shard.verify=true"))
+    tars = sorted({p for m, p in s3.requests(since) if m == "GET" and p.endswith(".tar")})
+    assert tars == [f"/shard-out/run1/shard-0000{i}.tar" for i in range(5)] and stats["shards_written_this_run"] == 0
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from samsr import storage
+from samsr import listing, storage
 from samsr.config import Config
 from samsr.locations import LocationError, normalize
 from samsr.shards.format import dumps, sample_key
@@ -59,11 +59,11 @@ def build_plan(cfg: Config, uris: Sequence[str] | None = None) -> Plan:
     if not sc.input:
         raise ValueError("shard.input is empty; pass --input DIR or s3://bucket/prefix")
     base = normalize(sc.input)       # absolute: the plan holds the same URIs whatever the caller's cwd
-    listing = sorted(uris) if uris is not None else list_images(base, sc.limit)
+    found = sorted(uris) if uris is not None else list_images(base, sc.limit, sc.listing)
     if uris is not None and sc.limit > 0:
-        listing = listing[: sc.limit]
+        found = found[: sc.limit]
     entries, rejected, keys = [], [], set()
-    for uri in listing:
+    for uri in found:
         try:
             rel = storage.relative_key(base, uri) if normalize(uri) != base else uri.rsplit("/", 1)[-1]
         except storage.StorageError as exc:
@@ -80,10 +80,21 @@ def build_plan(cfg: Config, uris: Sequence[str] | None = None) -> Plan:
     return Plan(base, n, fingerprint(cfg), shards, tuple(rejected))
 
 
-def list_images(input_uri: str, limit: int = 0) -> list[str]:
-    """The sorted image listing of a folder / s3:// prefix (IMAGE_SUFFIXES), the first `limit` if > 0."""
-    listing = storage.list_files(input_uri, IMAGE_SUFFIXES)
-    return listing[:limit] if limit > 0 else listing
+def list_images(input_uri: str, limit: int = 0, listing_file: str = "") -> list[str]:
+    """The sorted image listing of a folder / s3:// prefix (IMAGE_SUFFIXES), the first `limit` if > 0:
+    streamed (a `limit` stops the LIST early), with a progress line every few seconds; or, with
+    `listing_file`, the input's keys read from that file (samsr.listing), sorted."""
+    progress = listing.Progress(f"samsr: listing {listing_file or input_uri}")
+    if listing_file:
+        found = sorted(listing.read_listing_file(listing_file, input_uri, IMAGE_SUFFIXES, progress))
+    else:
+        found = []
+        for item in listing.iter_listing(input_uri, IMAGE_SUFFIXES, progress):
+            found.append(item.uri)
+            if 0 < limit <= len(found):
+                break
+    progress.done()
+    return found[:limit] if limit > 0 else found
 
 
 def new_inputs(plan: Plan, listing: Sequence[str]) -> list[str]:
