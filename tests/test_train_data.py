@@ -74,13 +74,17 @@ def test_the_plan_is_a_seeded_order_per_pass_cut_into_a_bounded_number_of_slices
     assert train_data.plan_blocks(20 * 50_000, 600) == 2400
 
 
-def test_the_plan_dataset_yields_the_seeded_rows_in_the_blocks_asked_for(ray_local):
+def test_the_plan_dataset_yields_the_seeded_rows_in_the_blocks_asked_for(ray_local, monkeypatch):
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    monkeypatch.setattr(options, "preserve_order", True)       # blocks in plan order, whichever task ends first
     cfg = config.load("samsr-teacher-tiny", ["train.batch_size=4", "job.crops_per_sample=2", "train.seed=7"])
     uris = [f"s3://b/shards/shard-{i:05d}.tar" for i in range(5)]
     data = {"filled": uris, "counts": {u: i + 1 for i, u in enumerate(uris)}, "holdout": []}
     assert train_data.passes_needed(cfg, data, 10) == 3     # 15 samples × 2 crops a pass; 10 × 4 = 40: 2 + 1 spare
     plan = train_data.plan(cfg, data, steps=10, blocks=4).materialize()
-    assert plan.num_blocks() == 4                                 # the old design: one block per row, 15
+    assert plan.num_blocks() == 4                            # the design before: one block per row, 15
     rows = plan.take_all()
     assert [(r["pass"], r["uri"], r["expected"]) for r in rows] == [(p, uris[i], i + 1) for p, i in PLAN_SEED_7]
 
