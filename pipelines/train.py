@@ -12,7 +12,8 @@ worker that outlived a killed driver) are removed. SAM-DiffSR first pretrains it
 (`train.rrdb_iterations`), then trains the diffusion (`train.iterations`).
 
 The driver lists the shards and their sample counts (`plan_data`: empty shards left out, validation
-samples held out) and refuses to start when no training sample is left. Bad samples are skipped and
+samples held out) and refuses to start when no training sample is left; the shard list reaches the decode
+tasks through the dataset's plan, never the workers' config (`worker_config`). Bad samples are skipped and
 counted by the decode tasks (`data/skipped_samples`, over all workers); training stops past
 `job.max_skipped_fraction` of the samples read.
 
@@ -138,6 +139,13 @@ def plan_data(cfg: Config, uris: list[str] | None = None) -> dict[str, Any]:
     return {"filled": filled, "holdout": sorted(held), "counts": counts}
 
 
+def worker_config(cfg: Config, data: dict[str, Any], run_id: str | None, fail_after_steps: int = 0) -> dict[str, Any]:
+    """Every worker's `train_loop_config`, of a size that does not grow with the shards: the redacted config,
+    the MLflow run and rank 0's validation shard (the decode tasks get the shard list through the dataset)."""
+    return {"cfg": redact_config(cfg), "fail_after_steps": fail_after_steps, "mlflow_run_id": run_id,
+            "val_shard": data["filled"][-1]}
+
+
 def _save(method, ema: EMA | None, cfg: Config, extra: dict, opt, sched, folder: Path) -> None:
     """`model` holds the weights to use (the EMA when there is one); `live` the trained ones, for resume."""
     modules = {"model": ema.module, "live": method} if ema is not None else {"model": method}
@@ -179,11 +187,10 @@ def train_loop(loop_config: dict[str, Any], tracking: str = "", tally=None) -> N
             if "live" in state:
                 optim_state["ema"] = (state["model"], int(resume["ema_updates"]))
     method.to(device)
-    data = loop_config.get("data") or plan_data(cfg)       # the driver's plan (`run` always passes it)
     # rank 0 logs into the job's run, which the driver opened (and ends): a restarted group continues it
     run_id = loop_config.get("mlflow_run_id") or resume["mlflow_run_id"]
     tracker = Tracker(cfg, run_name(cfg), run_id, owner=False) if rank == 0 else None
-    valset = validation.build(cfg, data["filled"]) if rank == 0 else None
+    valset = validation.build(cfg, loop_config["val_shard"]) if rank == 0 else None
     validator = validation.Validator(cfg, valset, device) if valset is not None else None
     if valset is not None:
         print(f"samsr train: validating on {len(valset.names)} image(s) from {valset.source}", flush=True)
@@ -332,8 +339,7 @@ def run(cfg: Config, *, fail_after_steps: int = 0, echo: Callable[[str], None] =
     tracker = Tracker.for_job(cfg, run_name(cfg))     # the driver owns the MLflow run, found again on a rerun
     trainer = TorchTrainer(
         functools.partial(train_loop, tracking=tracking_uri(cfg), tally=tally),
-        train_loop_config={"cfg": redact_config(cfg), "fail_after_steps": fail_after_steps, "data": data,
-                           "mlflow_run_id": tracker.run_id},
+        train_loop_config=worker_config(cfg, data, tracker.run_id, fail_after_steps),
         datasets={"train": train_data.build(cfg, data, sum(steps for _, steps in stages(cfg)), tally,
                                             concurrency=cfg.job.decode_concurrency or None)},
         scaling_config=ScalingConfig(num_workers=cfg.job.num_workers, use_gpu=cfg.job.use_gpu,

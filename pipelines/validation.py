@@ -40,25 +40,33 @@ def enabled(cfg: Config) -> bool:
     return cfg.job.val_images > 0 and cfg.train.eval_every > 0
 
 
-def holdout_keys(cfg: Config, shard_uris: Sequence[str]) -> tuple[frozenset[str], dict[str, dict[str, bytes]]]:
-    """The shard samples held out for validation (none with `job.val`) and their members (last shard only;
-    the train job passes the shards that hold samples). A damaged shard gives the samples before the damage."""
-    if not enabled(cfg) or cfg.job.val:
-        return frozenset(), {}
-    members, damage = read_shard(shard_uris[-1])
+def _first_samples(cfg: Config, shard_uri: str) -> tuple[frozenset[str], dict[str, dict[str, bytes]], int]:
+    """The first `job.val_images` samples (by key) of one shard: keys, their members, and the shard's
+    samples in all. A damaged shard gives the samples before the damage."""
+    members, damage = read_shard(shard_uri)
     if damage is not None:
         log.warning("samsr train: validation shard %s is damaged (%s); using its %d whole sample(s)",
-                    shard_uris[-1], damage, len(members))
+                    shard_uri, damage, len(members))
     keys = sorted(members)[:cfg.job.val_images]
-    if len(shard_uris) == 1 and len(keys) >= len(members):
-        raise ValueError(f"job.val_images={cfg.job.val_images} would hold out all {len(members)} samples of the only "
+    return frozenset(keys), {k: members[k] for k in keys}, len(members)
+
+
+def holdout_keys(cfg: Config, shard_uris: Sequence[str]) -> tuple[frozenset[str], dict[str, dict[str, bytes]]]:
+    """The shard samples held out for validation (none with `job.val`) and their members (last shard only;
+    the train job passes the shards that hold samples); refused when they are all the samples there are."""
+    if not enabled(cfg) or cfg.job.val:
+        return frozenset(), {}
+    keys, members, total = _first_samples(cfg, shard_uris[-1])
+    if len(shard_uris) == 1 and len(keys) >= total:
+        raise ValueError(f"job.val_images={cfg.job.val_images} would hold out all {total} samples of the only "
                          f"shard {shard_uris[0]!r} for validation; pass --val HR_IMAGES, lower job.val_images, or "
                          "set train.eval_every=0")
-    return frozenset(keys), {k: members[k] for k in keys}
+    return keys, members
 
 
-def build(cfg: Config, shard_uris: Sequence[str]) -> ValSet | None:
-    """The validation set of a run (None when validation is off)."""
+def build(cfg: Config, val_shard: str) -> ValSet | None:
+    """The validation set of a run (None when validation is off); `val_shard`: the last shard holding
+    samples (the driver has checked that training keeps some samples)."""
     if not enabled(cfg):
         return None
     jc, scale = cfg.job, cfg.data.scale
@@ -70,10 +78,10 @@ def build(cfg: Config, shard_uris: Sequence[str]) -> ValSet | None:
                                                              max_pixels=cfg.data.max_pixels), scale) for u in listing]
         names, holdout, source = [u.rsplit("/", 1)[-1] for u in listing], frozenset(), jc.val
     else:
-        holdout, members = holdout_keys(cfg, shard_uris)
+        holdout, members, _ = _first_samples(cfg, val_shard)
         names = sorted(members)
         if not names:        # the last shard holds no sample (every image in it failed)
-            print(f"samsr train: no samples in {shard_uris[-1]} to validate on; pass --val to validate", flush=True)
+            print(f"samsr train: no samples in {val_shard} to validate on; pass --val to validate", flush=True)
             return None
         pairs = []
         for key in list(names):
@@ -81,13 +89,13 @@ def build(cfg: Config, shard_uris: Sequence[str]) -> ValSet | None:
                 d = decode_members({m: members[key][m] for m in ("hr.png", "lr.png")})
                 pairs.append((d["hr.png"], d["lr.png"]))
             except Exception as exc:          # a bad held-out sample: validate on the others
-                log.warning("samsr train: validation sample %r of %s skipped: %s", key, shard_uris[-1], exc)
+                log.warning("samsr train: validation sample %r of %s skipped: %s", key, val_shard, exc)
                 names.remove(key)
         if not pairs:
-            print(f"samsr train: no decodable validation sample in {shard_uris[-1]}; pass --val to validate",
+            print(f"samsr train: no decodable validation sample in {val_shard}; pass --val to validate",
                   flush=True)
             return None
-        source = f"{shard_uris[-1]} (first {len(names)} samples, held out of training)"
+        source = f"{val_shard} (first {len(names)} samples, held out of training)"
     cropped = tuple(evaluation.crop_pair(hr, lr, jc.val_crop, scale) for hr, lr in pairs)
     return ValSet(tuple(names), cropped, holdout, source)
 

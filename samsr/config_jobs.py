@@ -48,7 +48,7 @@ class JobConfig:
     tracking_uri: str = ""              # MLflow server; "" = $MLFLOW_TRACKING_URI (none: no MLflow logging)
     sample_pool: int = 16               # local shuffle buffer of each worker, in samples (× crops_per_sample crops)
     crops_per_sample: int = 8           # crops cut from each decoded sample per pass
-    decode_cpus: float = 1.0            # CPUs of each Ray Data task that reads, decodes and crops one shard
+    decode_cpus: float = 1.0            # CPUs of each Ray Data task that reads, decodes and crops shards, one by one
     decode_concurrency: int = 0         # such tasks at once; 0 = as many as the CPUs allow (-tiny/-cpu: 2 cores)
     val: str = ""                       # HR images (folder | s3://) to validate on; "" = hold out shard samples
     val_images: int = 4                 # images in the validation set (the first N, sorted); 0 = no validation

@@ -1,7 +1,10 @@
 """Training ingest through Ray Data (pipelines/train_data.py, samsr/shards/crops.py): crops are a function
 of (seed, pass, shard), batches have the layout of `samsr.data.make_batch`, the dataset holds the passes
-the run needs, bad samples are tallied across tasks and stop training past the threshold."""
+the run needs in a seeded shard order and a bounded number of blocks, the workers' config holds no shard
+list, bad samples are tallied across tasks and stop training past the threshold."""
 from __future__ import annotations
+
+import pickle
 
 import numpy as np
 import pytest
@@ -50,6 +53,57 @@ def test_passes_cover_the_steps_of_the_run():
     # 15 training samples × 4 crops = 60 crops a pass; 100 steps × 8 = 800 crops -> 14 passes, + 1 spare
     assert train_data.passes_needed(cfg, data, 100) == 15
     assert train_data.passes_needed(cfg, data, 1) == 2
+
+
+# (pass, shard index) of the plan over 5 shards × 3 passes with seed 7: each pass a permutation of its own
+PLAN_SEED_7 = [(0, 2), (0, 0), (0, 4), (0, 1), (0, 3), (1, 3), (1, 0), (1, 2), (1, 1), (1, 4),
+               (2, 0), (2, 2), (2, 1), (2, 3), (2, 4)]
+
+
+def test_the_plan_is_a_seeded_order_per_pass_cut_into_a_bounded_number_of_slices():
+    passes, shards = train_data.plan_slice(7, 5, 0, 15)
+    assert list(zip(passes.tolist(), shards.tolist())) == PLAN_SEED_7
+    cut = [train_data.plan_slice(7, 5, a, b) for a, b in ((0, 4), (4, 11), (11, 15))]    # slices across passes
+    assert np.concatenate([s for _, s in cut]).tolist() == shards.tolist()
+    assert train_data.plan_slice(8, 5, 0, 5)[1].tolist() != shards[:5].tolist()            # another seed
+    # blocks: the rows when there are few; at least PLAN_MIN_BLOCKS; PLAN_BLOCKS_PER_SLOT per decode slot
+    assert (train_data.PLAN_MIN_BLOCKS, train_data.PLAN_BLOCKS_PER_SLOT) == (1000, 4)
+    assert train_data.plan_blocks(6, 2) == 6
+    assert train_data.plan_blocks(20 * 5_000, 2) == 1000            # 5M images in 1000-sample shards, 20 passes
+    assert train_data.plan_blocks(20 * 50_000, 2) == 1000
+    assert train_data.plan_blocks(20 * 50_000, 600) == 2400
+
+
+def test_the_plan_dataset_yields_the_seeded_rows_in_the_blocks_asked_for(ray_local, monkeypatch):
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    monkeypatch.setattr(options, "preserve_order", True)       # blocks in plan order, whichever task ends first
+    cfg = config.load("samsr-teacher-tiny", ["train.batch_size=4", "job.crops_per_sample=2", "train.seed=7"])
+    uris = [f"s3://b/shards/shard-{i:05d}.tar" for i in range(5)]
+    data = {"filled": uris, "counts": {u: i + 1 for i, u in enumerate(uris)}, "holdout": []}
+    assert train_data.passes_needed(cfg, data, 10) == 3     # 15 samples × 2 crops a pass; 10 × 4 = 40: 2 + 1 spare
+    plan = train_data.plan(cfg, data, steps=10, blocks=4).materialize()
+    assert plan.num_blocks() == 4                            # the design before: one block per row, 15
+    rows = plan.take_all()
+    assert [(r["pass"], r["uri"], r["expected"]) for r in rows] == [(p, uris[i], i + 1) for p, i in PLAN_SEED_7]
+
+
+def test_the_workers_config_holds_no_shard_list():
+    from pipelines import train
+
+    cfg = config.load("samsr-teacher-tiny")
+
+    def worker_config(shards: int) -> dict:
+        uris = [f"s3://b/shards/shard-{i:05d}.tar" for i in range(shards)]
+        data = {"filled": uris, "counts": dict.fromkeys(uris, 64), "holdout": ["k0"]}
+        return train.worker_config(cfg, data, "run-1", fail_after_steps=0)
+
+    few, many = worker_config(10), worker_config(10_000)
+    assert sorted(many) == ["cfg", "fail_after_steps", "mlflow_run_id", "val_shard"]
+    assert many["val_shard"] == "s3://b/shards/shard-09999.tar" and many["mlflow_run_id"] == "run-1"
+    assert len(pickle.dumps(many)) == len(pickle.dumps(few)) < 10_000
+    assert "shard-00000" not in repr(many)
 
 
 @pytest.mark.slow
