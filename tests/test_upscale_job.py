@@ -236,7 +236,8 @@ def test_s3_prefix_to_prefix_with_bad_inputs_skips_and_overwrite(ray_local, s3):
         ("skipped", "exists"), ("skipped", "exists")]
     latest = records.read_latest(folder, "input")             # each input's newest record: the rerun's
     assert latest.num_rows == 6 and set(latest.column("run").to_pylist()) == {second_run}
-    forced = upscale.run(config.replace(job, upscale=config.replace(job.upscale, overwrite=True)))
+    # --overwrite redoes them, here with a pool that may grow to two actors (Ray Data's autoscaling pool)
+    forced = upscale.run(config.replace(job, upscale=config.replace(job.upscale, overwrite=True, max_actors=2)))
     assert (forced["ok"], forced["skipped"], forced["known_bad"]) == (2, 0, 4) and len(records.runs(folder)) == 3
     statuses = {m["input"].rsplit("/", 1)[1]: m["status"] for m in records.read_latest(folder, "input").to_pylist()}
     assert statuses["a.png"] == statuses["b.jpg"] == "ok"
