@@ -9,7 +9,8 @@ as text. A run only ever adds its own parts; a later run never rewrites an earli
 a part per batch (`write_part`); the driver holds counts (`Tally`), not rows, and writes what it decides
 itself in bounded chunks (`PartWriter`). The jobs: `samsr upscale` (`<output>/_manifest/`, one row per
 input: input, output, status ok|skipped|failed, reason, message, timings) and `samsr eval`
-(`<output>/scores/`, one row per HR image: key, hr, lr, status, reason, message, timings, scores).
+(`<output>/scores/`, one row per HR image, read by `hr`: key, hr, lr, status, reason, message, timings,
+scores).
 
 Reading (pure pyarrow; `read_latest` is what a person usually wants — each object's newest record):
 
