@@ -5,8 +5,8 @@ size plus its scores against HR and bicubic's.
     .venv/bin/python benchmarks/upscale_throughput.py [--images 16] [--lr-size 128] [--config samsr-teacher-tiny]
 
 Inputs: crops of bundled photos as PNGs in a local folder. Model: an untrained model of `--config`
-(time does not depend on the weights), saved as a samsr checkpoint. The bare loop does what one
-actor does per image — read, decode, `infer.upscale_array`, PNG encode, write — in this process with
+(time does not depend on the weights), saved as a samsr checkpoint. The bare loop does what the
+job does per image — read, decode, `infer.upscale_array`, PNG encode, write — in this process with
 one torch thread. The job's wall time includes Ray Data start-up and actor construction.
 Prints one JSON line per run; the numbers go to benchmarks/RESULTS.md by hand.
 """
@@ -85,7 +85,8 @@ def main() -> None:
                                             f"upscale.model={root / 'model.pt'}", f"upscale.actors={actors}"])
             stats = upscale.run(job, echo=lambda s: None)
             results[actors] = stats["images_per_s"]
-            print(json.dumps({"run": f"samsr upscale, {actors} actor(s)", **stats}), flush=True)
+            print(json.dumps({**stats, "run": f"samsr upscale, {actors} actor(s)", "records_run": stats["run"]}),
+                  flush=True)
         from pipelines import eval as eval_job
 
         for actors in (1, 2):

@@ -39,6 +39,9 @@ def _add_model_job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="samsr checkpoint (path or s3:// URI) or MLflow model (runs:/<run_id>/model, models:/NAME@ALIAS)")
     p.add_argument("--actors", type=int, default=None, help="model actor pool size (default 1)")
+    p.add_argument("--max-actors", type=int, default=None,
+                   help="let the pool grow while work waits, up to this many actors (from --min-actors, else --actors)")
+    p.add_argument("--min-actors", type=int, default=None, help="the growing pool's least size (default: --actors)")
     p.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPUs per actor (default 0: CPU); > 0 asks the cluster for them and fails if they do not "
                         "appear within gpu_wait_s")
@@ -119,7 +122,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _model_job_flags(args: argparse.Namespace, section: str) -> dict:
     """The flags upscale and eval share (`_add_model_job_args`, --model, --tracking-uri) as section.* keys."""
     return {f"{section}.{name}": getattr(args, name)
-            for name in ("model", "actors", "gpus_per_actor", "limit", "tracking_uri", "shared_fs")}
+            for name in ("model", "actors", "min_actors", "max_actors", "gpus_per_actor", "limit", "tracking_uri",
+                         "shared_fs")}
 
 
 def _model_sets(args: argparse.Namespace) -> list[str]:
@@ -295,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per image, seeds seed..seed+N-1 (default 1); N > 1 also scores the mean of the samples")
     p.add_argument("--seed", type=int, default=None, help="first sampling seed (default 0)")
     p.add_argument("--crop", type=int, default=None, help="central HR crop side in px to bound time (default 0: whole)")
-    p.add_argument("--output", default=None, help="folder or s3:// prefix for scores.jsonl and summary.json")
+    p.add_argument("--output", default=None, help="folder or s3:// prefix for scores/ (per-image records, "
+                                                  "Parquet parts) and summary.json")
     p.add_argument("--lpips-weights", default=None,
                    help="LPIPS-AlexNet state_dict (path or s3://); without it LPIPS is not computed")
     p.set_defaults(func=_cmd_eval)

@@ -44,10 +44,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "    --name teacher-v1 --num-workers 8 --use-gpu --register samsr-teacher --alias candidate"),
     "upscale": (
         "super-resolve a folder or s3:// prefix into another (Ray Data, model actors)",
-        "Read and decode LR images on CPU tasks; an actor pool loads the model once (a samsr checkpoint\n"
-        "or an MLflow model) and super-resolves each image with tiled inference. Output keys mirror input\n"
-        "keys (.png); existing outputs are skipped unless --overwrite; _manifest.jsonl lists every input.",
+        "Read and decode LR images on CPU tasks; a model actor pool (--actors, or growing up to --max-actors)\n"
+        "loads the model once (a samsr checkpoint or an MLflow model) and super-resolves each image with\n"
+        "tiled inference; CPU tasks encode and write the PNGs. Output keys mirror input keys (.png);\n"
+        "existing outputs are skipped unless --overwrite; each run adds its records of every input as\n"
+        "Parquet parts under OUTPUT/_manifest/<run>/ (read them with samsr.records.read_latest).",
         "samsr upscale --model models:/samsr-teacher@candidate --input s3://bucket/lr/ --output s3://bucket/sr/\n"
+        "samsr upscale --model runs:/<run_id>/model --input s3://bucket/lr/ --output s3://bucket/sr/ \\\n"
+        "    --max-actors 8 --gpus-per-actor 1\n"
         "samsr upscale --model ./demo-output/samdiffsr.pt --input ./photos --output ./sr --tile 128"),
     "eval": (
         "score a model against bicubic on HR images (PSNR/SSIM on Y, HaarPSI, GMSD, LPIPS with weights) "

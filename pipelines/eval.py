@@ -8,10 +8,15 @@ a pair whose sizes disagree is recorded as `size_mismatch` and the job goes on. 
 model and for bicubic: PSNR-Y, SSIM-Y (border = scale), HaarPSI, GMSD, and LPIPS when its weights are
 given (samsr/evaluation.py). With `eval.samples` N > 1 every image is sampled N times (seeds
 seed..seed+N-1): `<metric>` is the mean score of single samples, `mean_of_samples_<metric>` the score of
-their mean. Under `eval.output`: `scores.jsonl` (one line per HR image, failures with their reason)
-and `summary.json`. Into MLflow: metrics `eval/<set>/<metric>` and `eval/<set>/bicubic_<metric>`, the
-per-image table as `eval/<set>/scores.json` — in the model's own run for `runs:/…`, else in a new run
-tagged with the model it evaluated.
+their mean. The pool is `eval.actors` actors, or grows from `eval.min_actors` to `eval.max_actors`.
+
+Records (pipelines/eval_records.py, samsr.records): every run adds Parquet parts — one row per HR
+image (failures with their reason, scores as columns) — under `<eval.output>/scores/<run>/` and, with
+a tracking URI, as MLflow artifacts `eval-scores/<set>/<run>/`; write tasks write them and hand the
+driver counts and running sums only. `<eval.output>/summary.json` and the MLflow metrics
+`eval/<set>/<metric>`, `eval/<set>/bicubic_<metric>` come from those sums; the MLflow table
+`eval/<set>/scores.json` holds the first `TABLE_ROWS` rows of the run. All of it goes into the model's
+own run for `runs:/…` (or a registered version), else into a new run tagged with the model.
 
 Before any work (exit 2, one line): `eval.output` must not be, lie inside, or hold the HR or LR folder;
 the HR (and LR) folder/bucket, the output bucket and the model must exist. Exit codes (samsr.locations):
@@ -23,27 +28,28 @@ mismatch…) are recorded, not failures; 1 when a usable one failed (read or mod
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
 import sys
 import time
 from pathlib import PurePosixPath
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from pipelines.rayenv import (RowProgress, data_progress_bars, ensure_ray, entrypoint_parser, require_gpus,
                               run_entrypoint)
-from pipelines import nodes
+from pipelines import eval_records, nodes
 from pipelines.tracking.client import tracking_uri
-from pipelines.upscale import check_model_overrides, model_paths
+from pipelines.upscale import PLAN_PART_ROWS, check_model_overrides, model_paths, rows_per_part
 from samsr import config as config_mod
-from samsr import evaluation, images, locations, redact, storage
-from samsr.config import Config
+from samsr import evaluation, images, locations, records, redact, storage
+from samsr.config import Config, actor_pool
 from samsr.shards.plan import IMAGE_SUFFIXES
 
-SCORES = "scores.jsonl"
+SCORES = eval_records.SCORES_DIR     # <output>/scores/<run>/part-*.parquet (samsr.records; key: "hr")
 SUMMARY = "summary.json"
 # reasons that mean "this input cannot be used", recorded and skipped; anything else failing (read_error,
 # eval_error) is the job's fault and a rerun retries it
@@ -62,8 +68,9 @@ def _stem(key: str) -> str:
     return str(PurePosixPath(key).with_suffix(""))
 
 
-def plan(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """Sorted HR listing -> (work items {key, hr, lr}, rows failed up front: unsafe keys, no LR match)."""
+def plan_rows(cfg: Config) -> Iterator[dict]:
+    """Sorted HR listing -> one row per HR image in listing order: a work item {key, hr, lr} (status "")
+    or a row failed up front (unsafe_key, no_lr)."""
     ec = cfg.eval
     listing = storage.list_files(ec.hr, IMAGE_SUFFIXES)
     if ec.limit:
@@ -75,24 +82,30 @@ def plan(cfg: Config) -> tuple[list[dict], list[dict]]:
                 lr_by_stem.setdefault(_stem(storage.relative_key(ec.lr, uri)), uri)
             except storage.StorageError:
                 continue                     # an unsafe LR key can only be matched by an unsafe HR key
-    items, failed = [], []
     for uri in listing:
         row = {"key": "", "hr": uri, "lr": "", "status": "", "reason": "", "message": ""}
         try:
             row["key"] = storage.relative_key(ec.hr, uri)
         except storage.StorageError as exc:
-            failed.append({**row, "status": "failed", "reason": "unsafe_key", "message": str(exc)})
+            yield {**row, "status": "failed", "reason": "unsafe_key", "message": str(exc)}
             continue
         if ec.lr:
             stem = _stem(row["key"])
             match = lr_by_stem.get(stem) or lr_by_stem.get(f"{stem}x{cfg.data.scale}")
             if match is None:
-                failed.append({**row, "status": "failed", "reason": "no_lr",
-                               "message": f"no LR image for {row['key']!r} under {ec.lr!r} (looked for "
-                                          f"{stem}.* and {stem}x{cfg.data.scale}.*)"})
+                yield {**row, "status": "failed", "reason": "no_lr",
+                       "message": f"no LR image for {row['key']!r} under {ec.lr!r} (looked for "
+                                  f"{stem}.* and {stem}x{cfg.data.scale}.*)"}
                 continue
             row["lr"] = match
-        items.append(row)
+        yield row
+
+
+def plan(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """`plan_rows` split into (work items, rows failed up front), both in memory: for tests and tools."""
+    items, failed = [], []
+    for row in plan_rows(cfg):
+        (failed if row["status"] else items).append(row)
     return items, failed
 
 
@@ -199,10 +212,42 @@ def check_inputs(cfg: Config, model_overrides: Sequence[str]) -> None:
     check_model(ec.model, ec.tracking_uri or tracking_uri(cfg) or None)
 
 
-def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Score `cfg.eval.model` on `cfg.eval.hr`; returns counts, the summary and the MLflow run id."""
+def _score(cfg: Config, model_overrides: Sequence[str], items: list[dict], sink: eval_records.ScoreSink,
+           tally: records.Tally, sums: evaluation.RunningSummary) -> None:
+    """Ray Data: decode tasks -> model actor pool (SR + scores) -> write tasks (one records part each); the
+    counts and running sums of each part are added to `tally` and `sums`."""
     import ray
 
+    ec = cfg.eval
+    least, most = actor_pool(ec)
+    ensure_ray()
+    require_gpus("samsr eval", ec.gpus_per_actor, least, "--gpus-per-actor 0", ec.gpu_wait_s)
+    bars = data_progress_bars()       # before the dataset: it keeps a copy of the DataContext
+    pool = ray.data.ActorPoolStrategy(size=least) if least == most else ray.data.ActorPoolStrategy(
+        min_size=least, max_size=most)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
+    hr_and_lr = cfg.data.max_pixels + cfg.data.max_pixels // cfg.data.scale ** 2
+    ds = ds.map(decode_row, fn_kwargs={"max_pixels": cfg.data.max_pixels}, num_cpus=0.5,
+                memory=images.decode_memory(hr_and_lr))
+    ds = ds.map_batches(EvalActor, fn_constructor_kwargs={
+                            "model": ec.model, "model_overrides": list(model_overrides),
+                            "tracking_uri": ec.tracking_uri, "samples": ec.samples, "seed": ec.seed,
+                            "crop": ec.crop, "lpips_weights": ec.lpips_weights,
+                            "threads": int(ec.cpus_per_actor)},
+                        batch_size=1, batch_format="numpy", compute=pool,
+                        num_cpus=ec.cpus_per_actor, num_gpus=ec.gpus_per_actor or None)
+    ds = ds.map_batches(eval_records.write_scores, fn_kwargs={"sink": sink, "known_bad": KNOWN_BAD},
+                        batch_size=rows_per_part(len(items)), batch_format="numpy", num_cpus=0.25)
+    progress = RowProgress(log, "samsr eval", len(items), quiet=bars)
+    for part in ds.iter_rows():
+        tally.merge(part)
+        sums.merge(json.loads(part["summary"]))
+        progress.add(failed=int(part["failed"]), done=int(part["inputs"]))
+
+
+def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Score `cfg.eval.model` on `cfg.eval.hr`; returns counts, the summary and the MLflow run id (never
+    rows: each run's records are parts, pipelines/eval_records.py)."""
     ec = cfg.eval
     check_inputs(cfg, model_overrides)
     nodes.check_paths("samsr eval", nodes.job_paths(              # a multi-node cluster: local paths refused or checked
@@ -211,68 +256,89 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
         *model_paths(model_overrides)), ec.shared_fs)
     name = set_name(ec)
     t0 = time.perf_counter()
-    items, rows = plan(cfg)
-    if not items and not rows:
+    tally, sums, items = records.Tally(KNOWN_BAD), evaluation.RunningSummary(), []
+    rows = plan_rows(cfg)
+    first = next(rows, None)
+    if first is None:
         print(f"samsr eval: no images under {ec.hr!r} (looked for {', '.join(IMAGE_SUFFIXES[:4])}, …); "
               "nothing scored or written", file=sys.stderr)
-        return {"set": name, **counts(rows), "summary": {}, "seconds": time.perf_counter() - t0, "images_per_s": 0.0}
-    if items:
-        ensure_ray()
-        require_gpus("samsr eval", ec.gpus_per_actor, ec.actors, "--gpus-per-actor 0", ec.gpu_wait_s)
-        bars = data_progress_bars()       # before the dataset: it keeps a copy of the DataContext
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
-        hr_and_lr = cfg.data.max_pixels + cfg.data.max_pixels // cfg.data.scale ** 2
-        ds = ds.map(decode_row, fn_kwargs={"max_pixels": cfg.data.max_pixels}, num_cpus=0.5,
-                    memory=images.decode_memory(hr_and_lr))
-        ds = ds.map_batches(EvalActor, fn_constructor_kwargs={
-                                "model": ec.model, "model_overrides": list(model_overrides),
-                                "tracking_uri": ec.tracking_uri, "samples": ec.samples, "seed": ec.seed,
-                                "crop": ec.crop, "lpips_weights": ec.lpips_weights,
-                                "threads": int(ec.cpus_per_actor)},
-                            batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=ec.actors),
-                            num_cpus=ec.cpus_per_actor, num_gpus=ec.gpus_per_actor or None)
-        progress = RowProgress(log, "samsr eval", len(items), quiet=bars)
-        for row in ds.iter_rows():
-            row = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
-            rows.append({**{k: v for k, v in row.items() if k != "scores"}, **json.loads(row["scores"])})
-            progress.add(rows[-1]["status"] != "ok")
-    rows.sort(key=lambda r: r["hr"])
-    seconds = time.perf_counter() - t0
-    ok = [r for r in rows if r["status"] == "ok"]
-    summary = evaluation.summarize({k: v for k, v in r.items() if not k.startswith("t_")} for r in ok)
-    result = {"set": name, **counts(rows), "summary": summary, "seconds": seconds,
-              "images_per_s": len(ok) / seconds if ok else 0.0}
+        return {"set": name, **tally.as_dict(), "summary": {}, "seconds": time.perf_counter() - t0,
+                "images_per_s": 0.0}
+    from pipelines.tracking.runs import evaluation_run, log_evaluation
+    from pipelines.tracking.client import terminate
+
+    mlflow_run = evaluation_run(cfg, name)
+    run_id = records.new_run_id()
+    # workers reach MLflow with the URI minus any userinfo: their credentials come from their nodes (rayenv)
+    sink = eval_records.ScoreSink(run_id, storage.join(ec.output, SCORES) if ec.output else "",
+                                  redact.strip_userinfo(mlflow_run[0]) if mlflow_run else "",
+                                  mlflow_run[1] if mlflow_run else "", f"{eval_records.ARTIFACTS}/{name}")
+    scored = False
+    try:
+        with records.PartWriter(sink.write, "plan", PLAN_PART_ROWS) as decided:
+            for row in itertools.chain([first], rows):
+                if row["status"]:
+                    decided.add(row)
+                    tally.add(row)
+                else:
+                    items.append(row)
+        if items:
+            _score(cfg, model_overrides, items, sink, tally, sums)
+        result = _finish(cfg, name, tally, sums, time.perf_counter() - t0, sink, echo)
+        if result["ok"] and mlflow_run:
+            result["mlflow_run_id"] = log_evaluation(
+                cfg, name, result["summary"], eval_records.first_rows(sink), mlflow_run, images=result["ok"],
+                table_note=_table_note(result["inputs"]))
+        scored = bool(result["ok"])
+        return result
+    finally:
+        if mlflow_run and mlflow_run[2]:           # a run made for this evaluation ends with it
+            from mlflow import MlflowClient
+
+            terminate(MlflowClient(mlflow_run[0]), mlflow_run[1], "FINISHED" if scored else "FAILED")
+
+
+def _table_note(rows: int) -> str:
+    shown = min(rows, eval_records.TABLE_ROWS)
+    return "" if shown == rows else f"the first {shown} of {rows} rows; all of them: the run's parts under " \
+                                    f"{eval_records.ARTIFACTS}/"
+
+
+def _finish(cfg: Config, name: str, tally: records.Tally, sums: evaluation.RunningSummary, seconds: float,
+            sink: eval_records.ScoreSink, echo: Callable[[str], None]) -> dict[str, Any]:
+    """The result from the driver's counts and sums; summary.json under the output; the summary line."""
+    ec = cfg.eval
+    counts = tally.as_dict()
+    summary = sums.summary() if counts["ok"] else {}
+    result = {"set": name, **counts, "summary": summary, "seconds": seconds,
+              "images_per_s": counts["ok"] / seconds if counts["ok"] else 0.0, "run": sink.run,
+              "records": storage.join(sink.folder, sink.run) if sink.folder else ""}
     if ec.output:
-        storage.write_text(storage.join(ec.output, SCORES), "".join(json.dumps(r) + "\n" for r in rows))
         where = redact.redact_value({"model": ec.model, "hr": ec.hr, "lr": ec.lr})     # no userinfo persisted
         storage.write_text(storage.join(ec.output, SUMMARY), json.dumps(
             {k: v for k, v in result.items() if k != "summary"} | where | {"samples": ec.samples, "seed": ec.seed,
                                                                            "crop": ec.crop, "summary": summary},
             indent=2))
-    echo(f"samsr eval: {ec.model} on {name}: {len(ok)} of {len(rows)} images scored, {result['failed']} failed "
-         f"({result['known_bad']} unusable inputs, {result['failed_good']} errors), "
+    echo(f"samsr eval: {ec.model} on {name}: {counts['ok']} of {counts['inputs']} images scored, "
+         f"{counts['failed']} failed ({counts['known_bad']} unusable inputs, {counts['failed_good']} errors), "
          f"{ec.samples} sample(s) each, {result['images_per_s']:.2f} images/s"
-         + (f" -> {ec.output}" if ec.output else ""))
-    if ok:
+         + (f" -> {ec.output} (records: {result['records']}/)" if ec.output else ""))
+    if counts["ok"]:
         echo(evaluation.format_summary(summary, ec.samples))
-        from pipelines.tracking.runs import log_evaluation
-
-        result["mlflow_run_id"] = log_evaluation(cfg, name, summary, rows)
     return result
 
 
 def counts(rows: Sequence[dict]) -> dict[str, int]:
     """Score rows -> ok, failed = known_bad (unusable inputs, recorded) + failed_good (errors a rerun retries)."""
-    return {"ok": sum(r["status"] == "ok" for r in rows), "inputs": len(rows),
-            **locations.failure_counts(rows, KNOWN_BAD)}
+    return records.Tally(KNOWN_BAD).add_rows(rows).as_dict()
 
 
-def exit_code(result: dict[str, Any]) -> int:
+def exit_code(result: Mapping[str, Any]) -> int:
     """0 when every good input was scored (bad inputs recorded); 1 when nothing was, or a good one failed."""
-    return locations.exit_code(done=result["ok"], failed_good=result["failed_good"], known_bad=result["known_bad"])
+    return records.exit_code(result, done=("ok",))
 
 
-__all__ = ["run", "plan", "set_name", "decode_row", "EvalActor", "check_inputs", "counts", "exit_code", "SCORES",
+__all__ = ["run", "plan", "plan_rows", "set_name", "decode_row", "EvalActor", "check_inputs", "counts", "exit_code", "SCORES",
            "SUMMARY", "KNOWN_BAD"]
 
 

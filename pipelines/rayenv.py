@@ -85,8 +85,9 @@ class RowProgress:
         self.done = self.failed = 0
         self.t0 = self.last = time.perf_counter()
 
-    def add(self, failed: bool = False) -> None:
-        self.done += 1
+    def add(self, failed: int = 0, done: int = 1) -> None:
+        """`done` more rows finished, `failed` of them failed (a bool counts as 0 or 1)."""
+        self.done += done
         self.failed += int(failed)
         now = time.perf_counter()
         if not self.quiet and (now - self.last >= self.every_s or self.done == self.total):

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from samsr.config_jobs import (RESOURCE_LIMITS, EvalConfig, JobConfig, ShardConfig,  # noqa: F401
-                                UpscaleConfig)
+                                UpscaleConfig, actor_pool)
 
 METHODS = ("samdiffsr", "samsr-teacher", "samsr-student")
 SEGMENTERS = ("sam", "tiny-sam", "superpixel")
@@ -157,6 +157,14 @@ class Config:
                 value = getattr(getattr(self, section), name, None)
                 if value is not None and (value <= least if strict else value < least):
                     raise ConfigError(f"{section}.{name}={value} must be {'>' if strict else '>='} {least}")
+        for section in ("upscale", "eval"):                       # the model actor pool: least <= most
+            jobs = getattr(self, section)
+            least, most = actor_pool(jobs)
+            if least > most:
+                which = f"min_actors={jobs.min_actors}" if jobs.min_actors else f"actors={jobs.actors}"
+                raise ConfigError(f"{section}.{which} is above {section}.max_actors={jobs.max_actors}: the "
+                                  f"autoscaling pool grows from its least size ({section}.min_actors, else "
+                                  f"{section}.actors) up to max_actors; lower the one or raise the other")
         alias = self.job.register_alias         # MLflow reserves `latest` and v<number>
         if not re.fullmatch(r"[A-Za-z_][\w-]*", alias) or alias == "latest" or re.fullmatch(r"v\d+", alias):
             raise ConfigError(f"job.register_alias={alias!r}: letters, digits, _ and -, not `latest` or v<number>")

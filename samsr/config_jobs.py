@@ -9,7 +9,8 @@ from dataclasses import dataclass
 # (field, least value, strictly above it) for the job sections' Ray resource settings
 RESOURCE_LIMITS = (("actors", 1, False), ("num_workers", 1, False), ("gpus_per_actor", 0, False),
                    ("gpu_wait_s", 0, False), ("cpus_per_actor", 0, True), ("cpus_per_worker", 0, True),
-                   ("decode_cpus", 0, True), ("decode_concurrency", 0, False))
+                   ("decode_cpus", 0, True), ("decode_concurrency", 0, False), ("min_actors", 0, False),
+                   ("max_actors", 0, False))
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,9 @@ class UpscaleConfig:
     model: str = ""                     # samsr checkpoint (path | s3://) or MLflow model (runs:/… | models:/…)
     tracking_uri: str = ""              # MLflow server for runs:/ models; "" = $MLFLOW_TRACKING_URI
     overwrite: bool = False             # default: outputs that exist are skipped
-    actors: int = 1                     # model actor pool size
+    actors: int = 1                     # model actor pool size (fixed unless min_actors / max_actors are set)
+    min_actors: int = 0                 # autoscaling pool: least size; 0 = actors (actor_pool())
+    max_actors: int = 0                 # autoscaling pool: most size; 0 = max(actors, min_actors)
     gpus_per_actor: float = 0.0         # > 0: asked of the cluster (autoscaler), waited for gpu_wait_s; 0: CPU
     gpu_wait_s: float = 600.0
     cpus_per_actor: float = 1.0
@@ -91,7 +94,9 @@ class EvalConfig:
     lpips_weights: str = ""             # LPIPS-AlexNet state_dict (path | s3://); "" = no LPIPS
     tracking_uri: str = ""              # MLflow server; "" = $MLFLOW_TRACKING_URI (none: results not logged)
     experiment: str = "samsr-eval"      # MLflow experiment of the run made for a model that is not runs:/…
-    actors: int = 1                     # model actor pool size
+    actors: int = 1                     # model actor pool size (fixed unless min_actors / max_actors are set)
+    min_actors: int = 0                 # autoscaling pool: least size; 0 = actors (actor_pool())
+    max_actors: int = 0                 # autoscaling pool: most size; 0 = max(actors, min_actors)
     gpus_per_actor: float = 0.0         # > 0: asked of the cluster (autoscaler), waited for gpu_wait_s; 0: CPU
     gpu_wait_s: float = 600.0
     cpus_per_actor: float = 1.0
@@ -99,4 +104,13 @@ class EvalConfig:
     shared_fs: bool = False             # local paths are on a filesystem every node mounts (checked per node)
 
 
-__all__ = ["RESOURCE_LIMITS", "ShardConfig", "JobConfig", "UpscaleConfig", "EvalConfig"]
+def actor_pool(section: UpscaleConfig | EvalConfig) -> tuple[int, int]:
+    """(least, most) model actors of an upscale or eval job. Only `actors` set: a fixed pool of that size,
+    as always. `max_actors` set: the pool grows from `min_actors` (else `actors`) up to `max_actors` while
+    work waits, and shrinks back when it runs out. `min_actors` alone: that fixed size; with `actors` above
+    it, up to `actors`. Config load refuses least > most (samsr.config)."""
+    least = section.min_actors or section.actors
+    return least, section.max_actors or max(least, section.actors)
+
+
+__all__ = ["RESOURCE_LIMITS", "ShardConfig", "JobConfig", "UpscaleConfig", "EvalConfig", "actor_pool"]

@@ -99,11 +99,58 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 values.setdefault(key, []).append(float(v))
     out = {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)} for k, v in values.items()}
+    return _with_deltas(out)
+
+
+def _with_deltas(out: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     for key in list(out):
         if BICUBIC + key in out:
             out[f"delta_{key}"] = {"mean": out[key]["mean"] - out[BICUBIC + key]["mean"], "std": 0.0,
                                    "n": out[key]["n"]}
     return out
+
+
+def _is_score(key: str, value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and not key.startswith("t_"))
+
+
+class RunningSummary:
+    """`summarize` kept as running sums — per key: count, mean and sum of squared deviations (Welford;
+    parts merged with Chan et al.'s formula) — so a job's driver holds a few numbers per metric, never rows.
+    Workers summarise their part (`add`) and send `as_dict()`; the driver `merge`s them. Keys starting
+    with `t_` (timings) are left out."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, list[float]] = {}       # key -> [n, mean, m2]
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        for key, v in row.items():
+            if _is_score(key, v):
+                self._merge(key, 1.0, float(v), 0.0)
+
+    def _merge(self, key: str, n: float, mean: float, m2: float) -> None:
+        if key not in self.stats:
+            self.stats[key] = [n, mean, m2]
+            return
+        na, ma, m2a = self.stats[key]
+        total = na + n
+        delta = mean - ma
+        self.stats[key] = [total, ma + delta * n / total, m2a + m2 + delta * delta * na * n / total]
+
+    def merge(self, other: Mapping[str, Sequence[float]]) -> None:
+        """Add another summary's `as_dict()`."""
+        for key, (n, mean, m2) in other.items():
+            if n:
+                self._merge(key, float(n), float(mean), float(m2))
+
+    def as_dict(self) -> dict[str, list[float]]:
+        return {k: list(v) for k, v in self.stats.items()}
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """The `summarize` format: {key: {mean, std, n}} plus `delta_<metric>`."""
+        return _with_deltas({k: {"mean": mean, "std": math.sqrt(max(m2, 0.0) / n), "n": int(n)}
+                             for k, (n, mean, m2) in self.stats.items()})
 
 
 def flat_means(summary: Mapping[str, Mapping[str, float]], prefix: str = "") -> dict[str, float]:
@@ -143,4 +190,4 @@ def format_rows(rows: Sequence[Mapping[str, Any]], names: Sequence[str], metric:
 
 
 __all__ = ["METRICS", "BICUBIC", "MEAN_OF_SAMPLES", "pair_from_hr", "check_pair", "crop_pair", "score",
-           "evaluate_image", "summarize", "flat_means", "metric_names", "format_summary", "format_rows"]
+           "evaluate_image", "summarize", "RunningSummary", "flat_means", "metric_names", "format_summary", "format_rows"]

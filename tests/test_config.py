@@ -79,3 +79,27 @@ def test_round_trip_through_yaml_and_flatten():
     assert flat["resshift.loss_semantic"] == 0.5
     assert flat["unet.mults"] == "1,2"
     assert flat["method"] == "samsr-student"
+
+
+@pytest.mark.parametrize("overrides, pool", [
+    ([], (1, 1)),                                                       # as before: one actor
+    (["upscale.actors=4"], (4, 4)),                                     # a fixed pool, as before
+    (["upscale.max_actors=8"], (1, 8)),                                 # grows from 1 up to 8
+    (["upscale.min_actors=2", "upscale.max_actors=8"], (2, 8)),
+    (["upscale.actors=4", "upscale.max_actors=8"], (4, 8)),
+    (["upscale.actors=4", "upscale.min_actors=2"], (2, 4)),
+])
+def test_model_actor_pools(overrides, pool):
+    assert c.actor_pool(c.load("samdiffsr-tiny", overrides).upscale) == pool
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.max_actors=-1"], r"eval\.max_actors=-1 must be >= 0"),
+    (["upscale.min_actors=-2"], r"upscale\.min_actors=-2 must be >= 0"),
+    (["upscale.min_actors=5", "upscale.max_actors=3"], r"upscale\.min_actors=5 is above upscale\.max_actors=3"),
+    (["eval.actors=8", "eval.max_actors=4"], r"eval\.actors=8 is above eval\.max_actors=4"),
+    (["upscale.max_actors=two"], r"upscale\.max_actors: expected an integer"),
+])
+def test_bad_actor_pools_are_refused_by_name(overrides, message):
+    with pytest.raises(c.ConfigError, match=message):
+        c.load("samdiffsr-tiny", overrides)

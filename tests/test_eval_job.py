@@ -1,5 +1,6 @@
 """`samsr eval` (pipelines/eval.py): Ray Data scoring of HR images on S3 (moto server) against bicubic,
-bad inputs recorded, LR matched by key, results in MLflow; clear up-front errors from the CLI."""
+bad inputs recorded, LR matched by key, per-image records in Parquet parts per run (samsr.records) and
+the summary from the driver's running sums; clear up-front errors from the CLI."""
 from __future__ import annotations
 
 import io
@@ -13,8 +14,9 @@ from PIL import Image
 
 from pipelines import cli
 from pipelines import eval as eval_job
+from pipelines import eval_records
 from pipelines.local.photos import bundled_photo
-from samsr import config, evaluation, images, storage
+from samsr import config, evaluation, images, records, storage
 from samsr.checkpoint import save_checkpoint
 from samsr.data import lr_upsampled
 from samsr.diffusion.samsr import ResShiftTeacher
@@ -106,7 +108,7 @@ def test_eval_refuses_an_output_among_its_inputs_and_missing_folders(tmp_path, c
 
 
 @pytest.mark.slow
-def test_eval_on_s3_records_bad_inputs_and_matches_lr_by_key(ray_local, s3, tmp_path):
+def test_eval_on_s3_records_bad_inputs_and_matches_lr_by_key(ray_local, s3, mlflow_server, tmp_path):
     bucket = s3.bucket("eval-job")
     good = {"a.png": bundled_photo("coffee")[:70, :90], "sub/b.png": bundled_photo("chelsea")[:64, :64]}
     for key, img in good.items():
@@ -119,8 +121,10 @@ def test_eval_on_s3_records_bad_inputs_and_matches_lr_by_key(ray_local, s3, tmp_
                                          "eval.cpus_per_actor=0.5"])
     result = eval_job.run(job)
     assert (result["ok"], result["failed"], result["set"]) == (2, 2, "hr") and eval_job.exit_code(result) == 0
-    rows = {r["key"] or r["hr"].rsplit("/", 1)[1]: r for r in
-            map(json.loads, storage.read_text(f"{bucket}/eval-out/scores.jsonl").splitlines())}
+    assert set(result) == {"set", *records.COUNTS, "summary", "seconds", "images_per_s", "run", "records"}
+    folder = f"{bucket}/eval-out/{eval_job.SCORES}"
+    assert records.runs(folder) == [result["run"]] and result["records"] == f"{folder}/{result['run']}"
+    rows = {r["key"] or r["hr"].rsplit("/", 1)[1]: r for r in records.read_latest(folder, "hr").to_pylist()}
     assert {k: (r["status"], r["reason"]) for k, r in rows.items()} == {
         "a.png": ("ok", ""), "sub/b.png": ("ok", ""), "bad.png": ("failed", "corrupt"),
         "odd\\name.png": ("failed", "unsafe_key")}
@@ -131,6 +135,13 @@ def test_eval_on_s3_records_bad_inputs_and_matches_lr_by_key(ray_local, s3, tmp_
         assert rows[key]["mean_of_samples_haarpsi"] == pytest.approx(want["haarpsi"], abs=1e-9)
     summary = json.loads(storage.read_text(f"{bucket}/eval-out/summary.json"))
     assert summary["summary"]["delta_psnr_y"]["mean"] == 0.0 and summary["samples"] == 2
+    # the driver's running sums give what summarising the records gives
+    want = evaluation.summarize({k: v for k, v in r.items() if not k.startswith("t_") and v is not None}
+                                for r in rows.values() if r["status"] == "ok")
+    assert summary["summary"].keys() == want.keys() and summary["summary"]["psnr_y"]["n"] == 2
+    for key, value in want.items():
+        assert summary["summary"][key]["mean"] == pytest.approx(value["mean"], abs=1e-9), key
+        assert summary["summary"][key]["std"] == pytest.approx(value["std"], abs=1e-9), key
 
     # given LR, matched by key; a pair whose sizes disagree is recorded, the rest goes on
     hr_img = images.crop_to_multiple(good["a.png"], 4)
@@ -138,10 +149,37 @@ def test_eval_on_s3_records_bad_inputs_and_matches_lr_by_key(ray_local, s3, tmp_
     storage.write_bytes(f"{bucket}/pairs/lr/xx4.png", png(images.make_lr(hr_img, 4)))
     storage.write_bytes(f"{bucket}/pairs/hr/y.png", png(hr_img))
     storage.write_bytes(f"{bucket}/pairs/lr/y.png", png(images.make_lr(hr_img, 4)[:-2]))
+    # ... here without --output: the per-image parts go to the MLflow run (artifacts), with a capped table
+    from mlflow import MlflowClient
+
     paired = eval_job.run(config.load("samdiffsr-tiny", [
         f"eval.model={bucket}/models/teacher.pt", f"eval.hr={bucket}/pairs/hr", f"eval.lr={bucket}/pairs/lr",
-        "eval.cpus_per_actor=0.5", "eval.set_name=pairs", f"eval.output={tmp_path / 'pairs'}"]))
-    assert (paired["ok"], paired["failed"]) == (1, 1) and eval_job.exit_code(paired) == 0
-    reasons = {r["key"]: r["reason"] for r in map(json.loads, (tmp_path / "pairs" / "scores.jsonl").read_text().splitlines())}
+        "eval.cpus_per_actor=0.5", "eval.set_name=pairs", f"eval.tracking_uri={mlflow_server}"]))
+    assert (paired["ok"], paired["failed"]) == (1, 1) and eval_job.exit_code(paired) == 0 and not paired["records"]
+    client = MlflowClient(mlflow_server)
+    logged = client.get_run(paired["mlflow_run_id"])
+    assert logged.info.status == "FINISHED" and logged.data.metrics["eval/pairs/images"] == 1.0
+    assert logged.data.metrics["eval/pairs/psnr_y"] == pytest.approx(rows["a.png"]["psnr_y"], abs=1e-9)
+    artifacts = sorted(a.path for a in client.list_artifacts(paired["mlflow_run_id"], "eval"))
+    assert artifacts == ["eval/pairs"] and [a.path for a in client.list_artifacts(
+        paired["mlflow_run_id"], "eval/pairs")] == ["eval/pairs/scores.json"]
+    local = client.download_artifacts(paired["mlflow_run_id"], f"{eval_records.ARTIFACTS}/pairs", str(tmp_path))
+    assert records.runs(local) == [paired["run"]]
+    reasons = {r["key"]: r["reason"] for r in records.read_latest(local, "hr").to_pylist()}
     assert reasons == {"x.png": "", "y.png": "size_mismatch"}
     assert paired["summary"]["psnr_y"]["mean"] == pytest.approx(rows["a.png"]["psnr_y"], abs=1e-9)
+
+    # a rerun adds its own run's part and leaves the first run's as it was: here one whose LR folder holds
+    # nothing, so every image is refused up front and the driver writes the part (no Ray Data)
+    before = {uri: storage.read_bytes(uri) for uri in records.part_uris(folder)}
+    again = eval_job.run(config.load("samdiffsr-tiny", [
+        f"eval.model={bucket}/models/teacher.pt", f"eval.hr={bucket}/hr", f"eval.lr={bucket}/none",
+        f"eval.output={bucket}/eval-out"]))
+    assert (again["ok"], again["known_bad"], eval_job.exit_code(again)) == (0, 4, 1)
+    assert records.runs(folder) == [result["run"], again["run"]]
+    assert {uri: storage.read_bytes(uri) for uri in records.part_uris(folder, result["run"])} == before
+    newest = {r["hr"].rsplit("/", 1)[1]: (r["run"], r["reason"]) for r in records.read_latest(folder, "hr").to_pylist()}
+    assert newest == {"a.png": (again["run"], "no_lr"), "b.png": (again["run"], "no_lr"),
+                      "bad.png": (again["run"], "no_lr"), "odd\\name.png": (again["run"], "unsafe_key")}
+    table = eval_records.first_rows(eval_records.ScoreSink(result["run"], folder), limit=3)
+    assert len(table) == 3 and {r["hr"] for r in table} <= {r["hr"] for r in rows.values()}

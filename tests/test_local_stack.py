@@ -206,7 +206,13 @@ def check_readme_run(proc: subprocess.CompletedProcess, stack: Path, state: dict
             assert lr.size == (side // 4, side // 4)
         with Image.open(io.BytesIO(get(f"sr/{name}.png"))) as sr:
             assert sr.size == (side, side) and sr.mode == "RGB"
-    manifest = [json.loads(line) for line in get("sr/_manifest.jsonl").decode().splitlines()]
+    from samsr import records
+
+    with pytest.MonkeyPatch.context() as mp:                 # the upscale job's records, on the stack's S3
+        mp.setenv("AWS_ENDPOINT_URL", state["s3"])
+        for name, value in local.LOCAL_AWS.items():
+            mp.setenv(name, value)
+        manifest = records.read_latest(f"s3://{local.BUCKET}/sr/_manifest", "input").to_pylist()
     assert sorted(r["status"] for r in manifest) == ["ok"] * len(HELD_OUT)
     assert all(port_open(state[k]) for k in ("s3", "mlflow", "ray_dashboard", "ray_address"))
 

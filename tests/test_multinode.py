@@ -16,7 +16,7 @@ import pytest
 
 from pipelines import nodes
 from pipelines.local.photos import bundled_photo
-from samsr import config, images, locations, storage
+from samsr import config, images, locations, records, storage
 from samsr.shards.process import write_shards_in_process
 from samsr.structure.segmenters import build_segmenter
 from test_eval_job import png, untrained_teacher_checkpoint
@@ -162,13 +162,13 @@ def test_shard_upscale_and_eval_survive_a_lost_worker_node(cluster, s3):
     stats = json.loads(storage.read_bytes(f"{shard_out}/_stats.json"))
     assert (stats["ok"], stats["known_bad"], stats["shards_missing"]) == (12, 5, 0)
 
-    manifest = [json.loads(line) for line in storage.read_text(f"{bucket}/sr/_manifest.jsonl").splitlines()]
+    manifest = records.read_latest(f"{bucket}/sr/_manifest", "input").to_pylist()
     assert sorted((m["input"], m["status"]) for m in manifest) == [(f"{bucket}/lr/{k}", "ok") for k in sorted(lr)]
     for key, img in lr.items():
         out = images.decode_image(storage.read_bytes(f"{bucket}/sr/{key}"), scale=1)
         assert np.array_equal(out, bicubic(png(img))), key
 
-    rows = [json.loads(line) for line in storage.read_text(f"{bucket}/eval/scores.jsonl").splitlines()]
+    rows = records.read_latest(f"{bucket}/eval/scores", "hr").to_pylist()
     assert sorted(r["key"] for r in rows if r["status"] == "ok") == sorted(hr)
     assert all(r["psnr_y"] == r["bicubic_psnr_y"] for r in rows)
 

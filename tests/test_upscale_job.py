@@ -1,10 +1,10 @@
 """`samsr upscale` (pipelines/upscale.py): Ray Data batch inference from an S3 prefix (moto server) into
-another, keys mirrored, bad inputs recorded, existing outputs skipped; a model from a real MLflow server;
-up-front refusals (overlapping or missing locations, a missing model) in seconds; exit codes; size limit."""
+another, keys mirrored, bad inputs recorded in Parquet parts per run (samsr.records), existing outputs
+skipped; a model from a real MLflow server; up-front refusals (overlapping or missing locations, a missing
+model) in seconds; exit codes; size limit; the model actor's stage does model work only."""
 from __future__ import annotations
 
 import io
-import json
 import struct
 import time
 import zlib
@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from pipelines import cli, upscale
+from pipelines import upscale_stages as stages
 from pipelines.local.photos import bundled_photo
-from samsr import config, images, storage
+from samsr import config, images, records, storage
 from samsr.checkpoint import save_checkpoint
 from samsr.diffusion.samsr import ResShiftTeacher, SamsrStudent
 
@@ -64,6 +65,9 @@ def test_output_keys_mirror_inputs_and_model_overrides_are_limited():
     upscale.check_model_overrides(["infer.tile=64", "segmenter.checkpoint=s3://b/sam.pth"])
     with pytest.raises(config.ConfigError, match="model override 'train.lr'"):
         upscale.check_model_overrides(["train.lr=1"])
+    args = cli.build_parser().parse_args(["upscale", "--model", "m.pt", "--input", "i", "--output", "o",
+                                          "--min-actors", "2", "--max-actors", "8"])
+    assert config.actor_pool(config.load("samsr-teacher-tiny", cli.upscale_overrides(args)).upscale) == (2, 8)
 
 
 def test_oversize_inputs_are_refused_from_the_header_before_decoding(tmp_path):
@@ -86,8 +90,9 @@ def test_oversize_inputs_are_refused_from_the_header_before_decoding(tmp_path):
 
 def test_exit_codes_count_recorded_bad_inputs_as_done():
     def code(*rows: tuple[str, str]) -> int:
-        return upscale.exit_code(upscale.summarize([{"input": f"i{k}", "status": s, "reason": r}
-                                                    for k, (s, r) in enumerate(rows)], 1.0))
+        tally = records.Tally(upscale.KNOWN_BAD).add_rows([{"input": f"i{k}", "status": s, "reason": r}
+                                                           for k, (s, r) in enumerate(rows)])
+        return upscale.exit_code(upscale.summarize(tally.as_dict(), 1.0))
 
     # a rerun of a finished job: everything skipped, the known-bad inputs recorded again
     assert code(("skipped", "exists"), ("failed", "corrupt"), ("failed", "too_large"), ("failed", "unsafe_key"),
@@ -96,6 +101,38 @@ def test_exit_codes_count_recorded_bad_inputs_as_done():
     for retry in ("upscale_error", "write_error", "read_error"):     # a good input that could not be done
         assert code(("ok", ""), ("skipped", "exists"), ("failed", retry)) == 1
     assert code(("failed", "corrupt")) == 1 and code() == 1          # nothing done
+
+
+def test_the_stages_in_one_process_model_work_only_in_the_actor(tmp_path):
+    """decode -> UpscaleModel (SR pixels; writes nothing) -> encode_row (PNG, the output) -> write_records
+    (one part; only counts come back), as Ray runs them, here without Ray."""
+    model, cfg = untrained_teacher()
+    save_checkpoint(str(tmp_path / "model.pt"), {"model": model}, cfg)
+    data = encoded(bundled_photo("coffee")[:20, :24])
+    (tmp_path / "a.png").write_bytes(data)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    plan = [{"input": str(tmp_path / n), "output": str(tmp_path / "out" / n), "status": "", "reason": "", "message": ""}
+            for n in ("a.png", "bad.png")]
+    decoded = [stages.decode_row(row, max_pixels=10**6, scale=4) for row in plan]
+    batch = {k: np.array([row[k] for row in decoded], dtype=object) for k in decoded[0]}   # as Ray Data batches
+    actor = stages.UpscaleModel(str(tmp_path / "model.pt"), [], "", threads=1, max_pixels=10**6)
+    out = actor(batch)
+    assert not (tmp_path / "out").exists()                        # the actor wrote nothing
+    assert out["status"] == ["", "failed"] and out["reason"] == ["", "corrupt"] and "lr_raw" not in out
+    sr = np.frombuffer(out["sr_raw"][0], np.uint8).reshape(out["sr_h"][0], out["sr_w"][0], 3)
+    assert np.array_equal(sr, bicubic(data)) and out["sr_raw"][1] == b""
+    assert out["t_sr"][0] > 0 and out["t_actor"][0] >= out["t_sr"][0]
+    written = [stages.encode_row({k: v[i] for k, v in out.items()}, level=1) for i in range(2)]
+    assert [r["status"] for r in written] == ["ok", "failed"] and set(written[0]) == set(stages.RECORD_SCHEMA.names)
+    assert np.array_equal(images.decode_image((tmp_path / "out" / "a.png").read_bytes(), scale=1), sr)
+    counts = stages.write_records({k: np.array([r[k] for r in written], dtype=object) for k in written[0]},
+                                  str(tmp_path / "records"), "run-1", upscale.KNOWN_BAD)
+    assert counts == {"ok": [1], "skipped": [0], "failed": [1], "known_bad": [1], "failed_good": [0], "inputs": [2]}
+    (part,) = records.part_uris(str(tmp_path / "records"))
+    assert records.read_part(part).select(["input", "status", "reason"]).to_pylist() == [
+        {"input": str(tmp_path / "a.png"), "status": "ok", "reason": ""},
+        {"input": str(tmp_path / "bad.png"), "status": "failed", "reason": "corrupt"}]
+    assert [upscale.rows_per_part(n) for n in (1, 2_000, 10**6, 10**7)] == [16, 20, 1000, 1000]
 
 
 def test_cli_refuses_overlapping_folders_and_leaves_the_inputs_untouched(tmp_path, capsys):
@@ -169,21 +206,41 @@ def test_s3_prefix_to_prefix_with_bad_inputs_skips_and_overwrite(ray_local, s3):
     for key, data in good.items():
         out = images.decode_image(storage.read_bytes(f"{bucket}/sr/{upscale.output_key(key[3:])}"), scale=1)
         assert np.array_equal(out, bicubic(data)), key
-    manifest = [json.loads(line) for line in storage.read_text(f"{bucket}/sr/_manifest.jsonl").splitlines()]
-    by_input = {m["input"].split("/lr/", 1)[1]: (m["status"], m["reason"]) for m in manifest}
+    # the driver got counts, never rows; the rows are one run's parts under _manifest/<run>/
+    assert set(stats) == {*records.COUNTS, "seconds", "images_per_s", "run", "records"}
+    assert all(isinstance(stats[k], int) for k in records.COUNTS) and stats["inputs"] == 6
+    folder = f"{bucket}/sr/{upscale.MANIFEST}"
+    assert stats["records"] == folder and records.runs(folder) == [stats["run"]]
+    first = records.read_parts(folder)
+    by_input = {m["input"].split("/lr/", 1)[1]: (m["status"], m["reason"]) for m in first.to_pylist()}
     assert by_input == {"a.png": ("ok", ""), "sub/b.jpg": ("ok", ""), "bad.png": ("failed", "corrupt"),
                         "tiny.png": ("failed", "too_small"), "odd\\name.png": ("failed", "unsafe_key"),
                         "huge.png": ("failed", "too_large")}
+    ok = [m for m in first.to_pylist() if m["status"] == "ok"]
+    assert all(m["output"] == f"{bucket}/sr/{upscale.output_key(m['input'].split('/lr/', 1)[1])}" for m in ok)
+    assert all(m["t_sr"] > 0 and m["t_actor"] >= m["t_sr"] and m["t_encode"] > 0 for m in ok)
     assert sorted(storage.list_files(f"{bucket}/sr", (".png",))) == [f"{bucket}/sr/a.png", f"{bucket}/sr/sub/b.png"]
+    parts = {uri: storage.read_bytes(uri) for uri in records.part_uris(folder)}
 
     # a finished job run again: nothing to write, the bad inputs recorded again, exit 0 (was 1) — here as
-    # the `python -m pipelines.upscale` entrypoint that `ray job submit` and the RayJob run
+    # the `python -m pipelines.upscale` entrypoint that `ray job submit` and the RayJob run. It adds its own
+    # run's part; the first run's parts stay as they were
     argv = ["--config", "samsr-teacher-tiny"] + [a for s in sets for a in ("--set", s)]
     assert upscale.main(argv) == 0
-    again = [json.loads(line) for line in storage.read_text(f"{bucket}/sr/_manifest.jsonl").splitlines()]
-    assert sorted(m["status"] for m in again) == ["failed"] * 4 + ["skipped"] * 2
-    forced = upscale.run(config.replace(job, upscale=config.replace(job.upscale, overwrite=True)))
-    assert (forced["ok"], forced["skipped"]) == (2, 0)
+    first_run, second_run = records.runs(folder)
+    assert first_run == stats["run"] and second_run > first_run
+    assert {uri: storage.read_bytes(uri) for uri in records.part_uris(folder, first_run)} == parts
+    again = records.read_parts(folder, runs=[second_run]).to_pylist()
+    assert sorted((m["status"], m["reason"]) for m in again) == [
+        ("failed", "corrupt"), ("failed", "too_large"), ("failed", "too_small"), ("failed", "unsafe_key"),
+        ("skipped", "exists"), ("skipped", "exists")]
+    latest = records.read_latest(folder, "input")             # each input's newest record: the rerun's
+    assert latest.num_rows == 6 and set(latest.column("run").to_pylist()) == {second_run}
+    # --overwrite redoes them, here with a pool that may grow to two actors (Ray Data's autoscaling pool)
+    forced = upscale.run(config.replace(job, upscale=config.replace(job.upscale, overwrite=True, max_actors=2)))
+    assert (forced["ok"], forced["skipped"], forced["known_bad"]) == (2, 0, 4) and len(records.runs(folder)) == 3
+    statuses = {m["input"].rsplit("/", 1)[1]: m["status"] for m in records.read_latest(folder, "input").to_pylist()}
+    assert statuses["a.png"] == statuses["b.jpg"] == "ok"
 
 
 @pytest.mark.slow

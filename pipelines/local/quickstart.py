@@ -127,7 +127,7 @@ def _pipeline(workdir: Path, state: dict, presets: list[str], sets: list[str], i
               samples: int, eval_crop: int, run_name: str, echo, t0: float) -> dict[str, Any]:
     from pipelines import eval as eval_job
     from pipelines import shard, upscale
-    from samsr import config, evaluation, storage
+    from samsr import config, evaluation, records
 
     if not presets:
         raise ValueError("the quickstart needs at least one preset to train")
@@ -141,7 +141,7 @@ def _pipeline(workdir: Path, state: dict, presets: list[str], sets: list[str], i
     result = eval_job.run(config.load(last, [
         *sets, f"eval.model={model}", f"eval.hr={root}/holdout-hr", f"eval.set_name={EVAL_SET}",
         f"eval.samples={samples}", f"eval.crop={eval_crop}", f"eval.output={root}/eval", "eval.cpus_per_actor=2"]))
-    rows = [json.loads(line) for line in storage.read_text(f"{root}/eval/{eval_job.SCORES}").splitlines()]
+    rows = records.read_latest(f"{root}/eval/{eval_job.SCORES}", "hr").drop_columns([records.RUN_COLUMN]).to_pylist()
     per_photo = {Path(r["key"]).stem: r for r in rows}
     echo("\n" + evaluation.format_rows(list(per_photo.values()), list(per_photo)))
     upscale.run(config.load(last, [*sets, f"upscale.input={root}/lr", f"upscale.output={root}/sr",

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipelines.tracking.client import (experiment_id_for, model_run_id, redact_uri, terminate,
                                        tracking_uri)
+from pipelines.eval_records import TABLE_ROWS
 from pipelines.tracking.model import log_model
 from samsr import config as config_mod
 from samsr import locations
@@ -157,16 +158,11 @@ def _quoted(value: str) -> str:
                                  "in MLflow; rename it")
 
 
-def log_evaluation(cfg: Config, set_name: str, summary: Mapping[str, Mapping[str, float]],
-                   rows: list[dict]) -> str | None:
-    """Log a `samsr eval` result: metrics `eval/<set>/<key>` (means over images) and the per-image table
-    `eval/<set>/scores.json`, into the run that logged the model (runs:/<id>/…, models:/<name>@<alias>,
-    models:/<name>/<version>), else into a new run of
-    `eval.experiment` tagged with the model. Returns the run id (None without a tracking URI)."""
+def evaluation_run(cfg: Config, set_name: str) -> tuple[str, str, bool] | None:
+    """(tracking URI, run id, made here) of the MLflow run a `samsr eval` result goes to: the run that logged
+    the model (runs:/<id>/…, models:/<name>@<alias>, models:/<name>/<version>), else a new run of
+    `eval.experiment` tagged with the model. None without a tracking URI."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    from samsr.evaluation import flat_means
 
     ec = cfg.eval
     uri = ec.tracking_uri or tracking_uri(cfg)
@@ -174,25 +170,49 @@ def log_evaluation(cfg: Config, set_name: str, summary: Mapping[str, Mapping[str
         log.warning("no MLflow tracking URI (eval.tracking_uri or MLFLOW_TRACKING_URI): results are not logged")
         return None
     client = MlflowClient(tracking_uri=uri)
-    run_id, new = model_run_id(client, ec.model), False
-    if not run_id:
-        run = client.create_run(experiment_id_for(client, ec.experiment), run_name=f"eval-{set_name}",
-                                tags={"samsr.evaluated_model": redact_uri(ec.model)})
-        run_id, new = run.info.run_id, True
+    run_id = model_run_id(client, ec.model)
+    if run_id:
+        return uri, run_id, False
+    run = client.create_run(experiment_id_for(client, ec.experiment), run_name=f"eval-{set_name}",
+                            tags={"samsr.evaluated_model": redact_uri(ec.model)})
+    return uri, run.info.run_id, True
+
+
+def log_evaluation(cfg: Config, set_name: str, summary: Mapping[str, Mapping[str, float]],
+                   rows: list[dict], run: tuple[str, str, bool] | None = None, images: int | None = None,
+                   table_note: str = "") -> str | None:
+    """Log a `samsr eval` result into `run` (`evaluation_run`; found or made here when None, and then ended
+    here): metrics `eval/<set>/<key>` (means over images) and `eval/<set>/images` (`images`, else the ok
+    rows), tags with the set's settings, and `rows` — at most TABLE_ROWS of them — as the MLflow table
+    `eval/<set>/scores.json` (`table_note`, e.g. "first 1000 of 52000 rows", as a tag). Returns the run id
+    (None without a tracking URI)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from samsr.evaluation import flat_means
+
+    ec = cfg.eval
+    ours = run is None
+    run = evaluation_run(cfg, set_name) if ours else run
+    if run is None:
+        return None
+    uri, run_id, new = run
+    client = MlflowClient(tracking_uri=uri)
     now = int(time.time() * 1000)
     values = flat_means(summary, f"eval/{set_name}/")
-    values[f"eval/{set_name}/images"] = float(sum(r["status"] == "ok" for r in rows))
+    values[f"eval/{set_name}/images"] = float(sum(r["status"] == "ok" for r in rows) if images is None else images)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
     for key, value in {"hr": ec.hr, "lr": ec.lr or "(made from hr)", "samples": ec.samples, "seed": ec.seed,
-                       "crop": ec.crop}.items():
-        client.set_tag(run_id, f"samsr.eval.{set_name}.{key}", redact_uri(str(value)))
+                       "crop": ec.crop, "table": table_note}.items():
+        if value != "":
+            client.set_tag(run_id, f"samsr.eval.{set_name}.{key}", redact_uri(str(value)))
     import pandas as pd
 
-    table = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, bytes)} for r in rows])
+    table = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, bytes)} for r in rows[:TABLE_ROWS]])
     client.log_table(run_id, data=table, artifact_file=f"eval/{set_name}/scores.json")
-    if new:
+    if ours and new:
         terminate(client, run_id, "FINISHED")
     return run_id
 
 
-__all__ = ["Tracker", "run_params", "log_evaluation"]
+__all__ = ["Tracker", "run_params", "evaluation_run", "log_evaluation"]
