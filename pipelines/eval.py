@@ -39,14 +39,13 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipelines.rayenv import (RowProgress, data_progress_bars, ensure_ray, entrypoint_parser, require_gpus,
-                              run_entrypoint)
+from pipelines.rayenv import RowProgress, data_progress_bars, entrypoint_parser, model_pool, run_entrypoint
 from pipelines import eval_records, nodes
 from pipelines.tracking.client import tracking_uri
 from pipelines.upscale import PLAN_PART_ROWS, check_model_overrides, model_paths, rows_per_part
 from samsr import config as config_mod
-from samsr import evaluation, images, locations, records, redact, storage
-from samsr.config import Config, actor_pool
+from samsr import evaluation, images, listing, locations, records, redact, storage
+from samsr.config import Config
 from samsr.shards.plan import IMAGE_SUFFIXES
 
 SCORES = eval_records.SCORES_DIR     # <output>/scores/<run>/part-*.parquet (samsr.records; key: "hr")
@@ -72,17 +71,14 @@ def plan_rows(cfg: Config) -> Iterator[dict]:
     """Sorted HR listing -> one row per HR image in listing order: a work item {key, hr, lr} (status "")
     or a row failed up front (unsafe_key, no_lr)."""
     ec = cfg.eval
-    listing = storage.list_files(ec.hr, IMAGE_SUFFIXES)
-    if ec.limit:
-        listing = listing[:ec.limit]
     lr_by_stem: dict[str, str] = {}
     if ec.lr:
-        for uri in storage.list_files(ec.lr, IMAGE_SUFFIXES):
+        for uri in listing.uris(ec.lr, IMAGE_SUFFIXES, "samsr eval: listing LR images in"):
             try:
                 lr_by_stem.setdefault(_stem(storage.relative_key(ec.lr, uri)), uri)
             except storage.StorageError:
                 continue                     # an unsafe LR key can only be matched by an unsafe HR key
-    for uri in listing:
+    for uri in listing.uris(ec.hr, IMAGE_SUFFIXES, "samsr eval: listing", ec.limit):
         row = {"key": "", "hr": uri, "lr": "", "status": "", "reason": "", "message": ""}
         try:
             row["key"] = storage.relative_key(ec.hr, uri)
@@ -219,12 +215,8 @@ def _score(cfg: Config, model_overrides: Sequence[str], items: list[dict], sink:
     import ray
 
     ec = cfg.eval
-    least, most = actor_pool(ec)
-    ensure_ray()
-    require_gpus("samsr eval", ec.gpus_per_actor, least, "--gpus-per-actor 0", ec.gpu_wait_s)
+    pool = model_pool("samsr eval", ec)
     bars = data_progress_bars()       # before the dataset: it keeps a copy of the DataContext
-    pool = ray.data.ActorPoolStrategy(size=least) if least == most else ray.data.ActorPoolStrategy(
-        min_size=least, max_size=most)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
     hr_and_lr = cfg.data.max_pixels + cfg.data.max_pixels // cfg.data.scale ** 2
     ds = ds.map(decode_row, fn_kwargs={"max_pixels": cfg.data.max_pixels}, num_cpus=0.5,

@@ -173,6 +173,22 @@ def require_gpus(job: str, per_unit: float, units: int, zero: str, wait_s: float
         request_resources(bundles=[])          # the actors themselves hold the GPUs from here on
 
 
+
+def model_pool(job: str, section):
+    """The model actor pool of `samsr upscale`/`samsr eval` (`section`: their config section): Ray up,
+    the GPUs of the pool's least size there (`require_gpus`), then a fixed pool of `actors`, or one that
+    grows from `min_actors` to `max_actors` while work waits (samsr.config_jobs.actor_pool)."""
+    import ray
+
+    from samsr.config import actor_pool
+
+    least, most = actor_pool(section)
+    ensure_ray()
+    require_gpus(job, section.gpus_per_actor, least, "--gpus-per-actor 0", section.gpu_wait_s)
+    if least == most:
+        return ray.data.ActorPoolStrategy(size=least)
+    return ray.data.ActorPoolStrategy(min_size=least, max_size=most)
+
 def add_model_set(p) -> None:
     """`--model-set KEY=VALUE` (repeatable): overrides of a model's own infer.* / segmenter.* settings."""
     p.add_argument("--model-set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",

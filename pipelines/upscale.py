@@ -40,12 +40,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from pipelines import nodes
 from pipelines import upscale_stages as stages
-from pipelines.rayenv import (RowProgress, data_progress_bars, ensure_ray, entrypoint_parser, require_gpus,
-                              run_entrypoint)
+from pipelines.rayenv import RowProgress, data_progress_bars, entrypoint_parser, model_pool, run_entrypoint
 from pipelines.upscale_stages import decode_row, output_size_error  # noqa: F401  (this module's API before)
 from samsr import config as config_mod
-from samsr import images, locations, records, storage
-from samsr.config import Config, DataConfig, actor_pool
+from samsr import images, listing, locations, records, storage
+from samsr.config import Config, DataConfig
 from samsr.shards.plan import IMAGE_SUFFIXES
 
 MANIFEST = "_manifest"              # <output>/_manifest/<run>/part-*.parquet (samsr.records)
@@ -73,12 +72,10 @@ def plan_rows(cfg: Config) -> Iterator[dict]:
     """Sorted listing -> one row per input, in listing order: a work item (status "") or a row decided up
     front (failed: unsafe_key, output_collision; skipped: exists)."""
     uc = cfg.upscale
-    listing = storage.list_files(uc.input, IMAGE_SUFFIXES)
-    if uc.limit:
-        listing = listing[:uc.limit]
-    existing = set(storage.list_files(uc.output, (".png",)))     # a missing output lists as empty
+    # a missing output lists as empty; both listings stream, with a progress line every few seconds
+    existing = set(listing.uris(uc.output, (".png",), "samsr upscale: listing outputs in"))
     claimed: dict[str, str] = {}
-    for uri in listing:
+    for uri in listing.uris(uc.input, IMAGE_SUFFIXES, "samsr upscale: listing", uc.limit):
         row = {"input": uri, "output": "", "status": "", "reason": "", "message": ""}
         try:
             key = output_key(storage.relative_key(uc.input, uri))
@@ -168,12 +165,8 @@ def _upscale(cfg: Config, model_overrides: Sequence[str], items: list[dict], fol
     import ray
 
     uc = cfg.upscale
-    least, most = actor_pool(uc)
-    ensure_ray()
-    require_gpus("samsr upscale", uc.gpus_per_actor, least, "--gpus-per-actor 0", uc.gpu_wait_s)
+    pool = model_pool("samsr upscale", uc)
     bars = data_progress_bars()       # before the dataset: it keeps a copy of the DataContext
-    pool = ray.data.ActorPoolStrategy(size=least) if least == most else ray.data.ActorPoolStrategy(
-        min_size=least, max_size=most)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
     ds = ds.map(stages.decode_row, fn_kwargs={"max_pixels": cfg.data.max_pixels, "scale": cfg.data.scale},
                 num_cpus=0.5, memory=images.decode_memory(lr_pixel_limit(cfg.data)))

@@ -169,6 +169,17 @@ def stat(uri: str) -> Listed:
     return Listed(uri, int(head["ContentLength"]), str(head.get("ETag", "")).strip('"'))
 
 
+def uris(uri: str, suffixes: Sequence[str] | None, label: str, limit: int = 0) -> Iterator[str]:
+    """`iter_listing`'s URIs, the first `limit` when > 0 (the LIST stops there), with a `Progress` line
+    labelled `<label> <uri>` every few seconds and a last one when it took longer."""
+    progress = Progress(f"{label} {uri}")
+    for n, item in enumerate(iter_listing(uri, suffixes, progress), 1):
+        yield item.uri
+        if 0 < limit <= n:
+            break
+    progress.done()
+
+
 # ---------------------------------------------------------------- listing files (S3 Inventory)
 
 def _text_lines(data: bytes, name: str) -> Iterator[str]:
@@ -227,4 +238,4 @@ def read_listing_file(path: str, base: str, suffixes: Sequence[str] | None = Non
             yield uri
 
 
-__all__ = ["Listed", "Progress", "iter_listing", "stat", "s3_client", "read_listing_file", "PAGE"]
+__all__ = ["Listed", "Progress", "iter_listing", "uris", "stat", "s3_client", "read_listing_file", "PAGE"]
