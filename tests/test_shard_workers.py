@@ -19,9 +19,17 @@ def test_the_write_stage_returns_a_summary_and_writes_the_manifest_last(tmp_path
              "reason": "corrupt", "message": "not an image", "members": {}, "thumb": b"", "meta": {},
              "t_read": 0.1, "t_decode": 0.0, "t_segment": 0.0}]
     summary = stages.write_shard(str(tmp_path), 3, True, rows)
+    tally = summary.pop("tally")
     assert summary == {"shard": 3, "images": 1, "ok": 0, "failed": 1, "tar_bytes": 10240}  # an empty tar: one 10 KiB record
     manifest = json.loads((tmp_path / "_manifest" / "shard-00003.json").read_bytes())
     assert manifest["samples"][0]["reason"] == "corrupt" and manifest["tar_bytes"] == 10240
+    tar, man = tmp_path / "shard-00003.tar", tmp_path / "_manifest" / "shard-00003.json"
+    # the shard's tally for the totals and the next rerun's index: its failure row, the listing stamps
+    assert manifest["tar_stamp"] == str(tar.stat().st_mtime_ns) == tally["tar_stamp"]
+    assert tally["manifest_stamp"] == str(man.stat().st_mtime_ns) and tally["retry"] == []
+    assert (tally["ok"], tally["no_hr"], tally["segmenter"]) == (0, 0, None)
+    assert tally["failures"] == [{"uri": "s3://b/x.png", "key": "x_png-0123456789", "shard": "shard-00003",
+                                  "reason": "corrupt", "message": "not an image"}]
     assert not (tmp_path / "_preview").exists()                     # no sample: no contact sheet
 
 
