@@ -174,6 +174,20 @@ def require_gpus(job: str, per_unit: float, units: int, zero: str, wait_s: float
 
 
 
+
+def read_work(work, most_blocks: int = 10_000):
+    """A Ray dataset over a `samsr.records.WorkSpool`'s parts (read by the workers, not the driver), cut
+    into one block per item up to `most_blocks` (so that decode tasks run in parallel from the first
+    item on: a part holds thousands)."""
+    import ray
+
+    from samsr import storage
+
+    fs, _ = storage.filesystem(work.uris[0])
+    paths = [storage.filesystem(uri)[1] for uri in work.uris]
+    return ray.data.read_parquet(paths, filesystem=fs).repartition(max(1, min(work.total, most_blocks)))
+
+
 def model_pool(job: str, section):
     """The model actor pool of `samsr upscale`/`samsr eval` (`section`: their config section): Ray up,
     the GPUs of the pool's least size there (`require_gpus`), then a fixed pool of `actors`, or one that

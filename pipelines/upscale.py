@@ -13,8 +13,11 @@ job goes on.
 Records (samsr.records): every run adds `<output>/_manifest/<run>/part-*.parquet`, one row per input
 (input, output, status ok | skipped | failed, reason, message, timings) and never rewrites an earlier
 run's. The rows the plan decides (skipped: exists; unsafe_key; output_collision) are written by the
-driver in chunks of `PLAN_PART_ROWS` as it lists; the others by the workers. The driver keeps counts
-only: one small row per part comes back to it. `samsr.records.read_latest(<output>/_manifest, "input")`
+driver in chunks of `PLAN_PART_ROWS` as it lists; the others by the workers. The work items go the same
+way: the driver spools them as parts under `<output>/_work/<run>/` (removed when the run ends) that Ray
+Data reads. The driver keeps counts, one part of rows and a 128-bit fingerprint per listed output (for
+skips and collisions): ~250 B per input at 10⁶ (benchmarks/driver_memory.py); one small row of counts
+per records part comes back to it. `samsr.records.read_latest(<output>/_manifest, "input")`
 gives each input's newest record.
 
 Before any work (exit 2, one line): the output must not be, lie inside, or hold the input; the input
@@ -38,9 +41,11 @@ import time
 from pathlib import PurePosixPath
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import pyarrow as pa
+
 from pipelines import nodes
 from pipelines import upscale_stages as stages
-from pipelines.rayenv import RowProgress, data_progress_bars, entrypoint_parser, model_pool, run_entrypoint
+from pipelines.rayenv import RowProgress, data_progress_bars, entrypoint_parser, model_pool, read_work, run_entrypoint
 from pipelines.upscale_stages import decode_row, output_size_error  # noqa: F401  (this module's API before)
 from samsr import config as config_mod
 from samsr import images, listing, locations, records, storage
@@ -50,6 +55,8 @@ from samsr.shards.plan import IMAGE_SUFFIXES
 MANIFEST = "_manifest"              # <output>/_manifest/<run>/part-*.parquet (samsr.records)
 PLAN_PART_ROWS = 10_000             # rows the plan decides, written by the driver this many at a time
 RECORD_PART_ROWS = 1_000            # most images per worker-written part (and per count the driver gets)
+WORK = "_work"                      # <output>/_work/<run>/: the run's work items, read by Ray Data, then removed
+WORK_SCHEMA = pa.schema([(name, pa.string()) for name in ("input", "output", "status", "reason", "message")])
 MODEL_SECTIONS = ("infer.", "segmenter.")       # what --model-set may change in the model's own config
 # reasons that mean "this input cannot be used": recorded, and not a failure of the job (a rerun would
 # fail them again); any other failure (read_error, upscale_error, write_error) is one a rerun retries
@@ -72,9 +79,10 @@ def plan_rows(cfg: Config) -> Iterator[dict]:
     """Sorted listing -> one row per input, in listing order: a work item (status "") or a row decided up
     front (failed: unsafe_key, output_collision; skipped: exists)."""
     uc = cfg.upscale
-    # a missing output lists as empty; both listings stream, with a progress line every few seconds
-    existing = set(listing.uris(uc.output, (".png",), "samsr upscale: listing outputs in"))
-    claimed: dict[str, str] = {}
+    # a missing output lists as empty; both listings stream, with a progress line every few seconds; of
+    # each output the driver keeps a 128-bit fingerprint, not the key (flat memory at 10⁶-10⁷ inputs)
+    existing = {listing.fingerprint(u) for u in listing.uris(uc.output, (".png",), "samsr upscale: listing outputs in")}
+    claimed: set[int] = set()
     for uri in listing.uris(uc.input, IMAGE_SUFFIXES, "samsr upscale: listing", uc.limit):
         row = {"input": uri, "output": "", "status": "", "reason": "", "message": ""}
         try:
@@ -83,13 +91,13 @@ def plan_rows(cfg: Config) -> Iterator[dict]:
             yield {**row, "status": "failed", "reason": "unsafe_key", "message": str(exc)}
             continue
         out = storage.join(uc.output, key)
-        row["output"] = out
-        if out in claimed:
+        row["output"], mark = out, listing.fingerprint(out)
+        if mark in claimed:
             yield {**row, "status": "failed", "reason": "output_collision",
-                   "message": f"{claimed[out]} already maps to {out}"}
+                   "message": f"an input listed before it (same name, another suffix) already maps to {out}"}
             continue
-        claimed[out] = uri
-        if out in existing and not uc.overwrite:
+        claimed.add(mark)
+        if mark in existing and not uc.overwrite:
             yield {**row, "status": "skipped", "reason": "exists"}
             continue
         yield row
@@ -102,6 +110,19 @@ def plan(cfg: Config) -> tuple[list[dict], list[dict]]:
     for row in plan_rows(cfg):
         (decided if row["status"] else items).append(row)
     return items, decided
+
+
+def spool_plan(cfg: Config, folder: str, run: str, tally: records.Tally, work: records.WorkSpool) -> None:
+    """The driver's part of a run: `plan_rows` streamed into this run's records (rows decided up front, in
+    parts of PLAN_PART_ROWS) and `work` (the items for Ray Data); `tally` counts the decided rows. What
+    the driver holds is the listing's fingerprints, one part's rows, and counts (benchmarks/driver_memory.py)."""
+    with records.PartWriter(records.folder_writer(folder, run, stages.RECORD_SCHEMA), "plan", PLAN_PART_ROWS) as decided, work:
+        for row in plan_rows(cfg):
+            if row["status"]:
+                decided.add(stages.record(row))
+                tally.add(row)
+            else:
+                work.add({name: row[name] for name in WORK_SCHEMA.names})
 
 
 def rows_per_part(n_items: int) -> int:
@@ -158,16 +179,14 @@ def exit_code(stats: Mapping[str, Any]) -> int:
     return records.exit_code(stats, done=("ok", "skipped"))
 
 
-def _upscale(cfg: Config, model_overrides: Sequence[str], items: list[dict], folder: str, run: str,
+def _upscale(cfg: Config, model_overrides: Sequence[str], work: records.WorkSpool, folder: str, run: str,
              tally: records.Tally) -> None:
-    """Ray Data: decode tasks -> model actor pool -> encode/write tasks -> records parts; the counts of each
-    part are added to `tally`."""
-    import ray
-
+    """Ray Data: the work parts -> decode tasks -> model actor pool -> encode/write tasks -> records parts;
+    the counts of each part are added to `tally`."""
     uc = cfg.upscale
     pool = model_pool("samsr upscale", uc)
     bars = data_progress_bars()       # before the dataset: it keeps a copy of the DataContext
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 10_000)))
+    ds = read_work(work)
     ds = ds.map(stages.decode_row, fn_kwargs={"max_pixels": cfg.data.max_pixels, "scale": cfg.data.scale},
                 num_cpus=0.5, memory=images.decode_memory(lr_pixel_limit(cfg.data)))
     ds = ds.map_batches(stages.UpscaleModel, fn_constructor_kwargs={
@@ -179,8 +198,8 @@ def _upscale(cfg: Config, model_overrides: Sequence[str], items: list[dict], fol
     ds = ds.map(stages.encode_row, fn_kwargs={"level": uc.png_compress_level}, num_cpus=1,
                 memory=images.DECODE_BASE + stages.ENCODE_BYTES_PER_PIXEL * cfg.data.max_pixels)
     ds = ds.map_batches(stages.write_records, fn_kwargs={"folder": folder, "run": run, "known_bad": KNOWN_BAD},
-                        batch_size=rows_per_part(len(items)), batch_format="numpy", num_cpus=0.25)
-    progress = RowProgress(log, "samsr upscale", len(items), quiet=bars)
+                        batch_size=rows_per_part(work.total), batch_format="numpy", num_cpus=0.25)
+    progress = RowProgress(log, "samsr upscale", work.total, quiet=bars)
     for counts in ds.iter_rows():
         tally.merge(counts)
         progress.add(failed=int(counts["failed"]), done=int(counts["inputs"]))
@@ -197,21 +216,18 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
         *model_paths(model_overrides)), uc.shared_fs)
     t0 = time.perf_counter()
     run_id, folder = records.new_run_id(), storage.join(uc.output, MANIFEST)
-    tally, items = records.Tally(KNOWN_BAD), []
-    with records.PartWriter(records.folder_writer(folder, run_id, stages.RECORD_SCHEMA), "plan",
-                            PLAN_PART_ROWS) as decided:
-        for row in plan_rows(cfg):
-            if row["status"]:
-                decided.add(stages.record(row))
-                tally.add(row)
-            else:
-                items.append(row)
-    if not items and not tally.counts["inputs"]:
-        print(f"samsr upscale: no images under {uc.input!r} (looked for {', '.join(IMAGE_SUFFIXES[:4])}, …); "
-              "nothing written", file=sys.stderr)
-        return summarize(tally.as_dict(), time.perf_counter() - t0)
-    if items:
-        _upscale(cfg, model_overrides, items, folder, run_id, tally)
+    tally, work = records.Tally(KNOWN_BAD), records.WorkSpool(storage.join(uc.output, WORK, run_id), WORK_SCHEMA,
+                                                              PLAN_PART_ROWS)
+    try:
+        spool_plan(cfg, folder, run_id, tally, work)
+        if not work.total and not tally.counts["inputs"]:
+            print(f"samsr upscale: no images under {uc.input!r} (looked for {', '.join(IMAGE_SUFFIXES[:4])}, …); "
+                  "nothing written", file=sys.stderr)
+            return summarize(tally.as_dict(), time.perf_counter() - t0)
+        if work.total:
+            _upscale(cfg, model_overrides, work, folder, run_id, tally)
+    finally:
+        work.remove()
     stats = summarize(tally.as_dict(), time.perf_counter() - t0, run_id, folder)
     echo(f"samsr upscale: {stats['ok']} written, {stats['skipped']} skipped (exist), {stats['failed']} failed "
          f"({stats['known_bad']} unusable inputs, {stats['failed_good']} errors to retry) of {stats['inputs']} "
@@ -219,7 +235,7 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
     return stats
 
 
-__all__ = ["run", "plan", "plan_rows", "rows_per_part", "check_job", "model_paths", "summarize", "exit_code",
+__all__ = ["run", "plan", "plan_rows", "spool_plan", "rows_per_part", "check_job", "model_paths", "summarize", "exit_code",
            "output_key", "decode_row", "lr_pixel_limit", "output_size_error", "MANIFEST", "KNOWN_BAD"]
 
 

@@ -135,6 +135,32 @@ def folder_writer(folder: str, run: str, schema: pa.Schema | None = None) -> Cal
     return write
 
 
+class WorkSpool(PartWriter):
+    """A job's work items, spooled by the driver as it plans, `rows_per_part` at a time, into Parquet parts
+    under `folder` (under the job's output: every node can read it) for Ray Data to read back
+    (pipelines.rayenv.read_work), so the driver never holds the work list. `total` counts the items once
+    the spool is closed (`with`); `remove()` deletes the parts."""
+
+    def __init__(self, folder: str, schema: pa.Schema, rows_per_part: int = 10_000) -> None:
+        self.folder, self.schema, self.uris, self.written = folder, schema, [], 0
+        super().__init__(self._write, "work", rows_per_part)
+
+    @property
+    def total(self) -> int:
+        return self.written + len(self.rows)
+
+    def _write(self, name: str, rows: list) -> None:
+        uri = storage.join(self.folder, name)
+        write_part(uri, rows, self.schema)
+        self.uris.append(uri)
+        self.written += len(rows)
+
+    def remove(self) -> None:
+        for uri in self.uris:
+            storage.delete(uri)
+        self.uris = []
+
+
 class Tally:
     """Counts of record rows: ok, skipped, failed = known_bad (inputs recorded as unusable: `known_bad`
     reasons) + failed_good (errors a rerun retries), inputs = all rows. What a driver keeps instead of rows."""
@@ -239,5 +265,5 @@ def read_latest(folder: str, key: str, columns: Sequence[str] | None = None) -> 
 
 
 __all__ = ["PART_SUFFIX", "RUN_COLUMN", "COUNTS", "new_run_id", "part_name", "part_uri", "to_table", "part_bytes",
-           "write_part", "PartWriter", "folder_writer", "Tally", "exit_code", "part_uris", "run_of", "runs", "read_part", "read_parts", "latest",
+           "write_part", "PartWriter", "WorkSpool", "folder_writer", "Tally", "exit_code", "part_uris", "run_of", "runs", "read_part", "read_parts", "latest",
            "read_latest"]

@@ -94,3 +94,21 @@ def test_running_sums_in_parts_match_summarising_all_rows():
     one = evaluation.RunningSummary()
     one.add({"psnr_y": 31.25, "bicubic_psnr_y": 31.25})
     assert one.summary()["psnr_y"] == {"mean": 31.25, "std": 0.0, "n": 1} and one.summary()["delta_psnr_y"]["mean"] == 0.0
+
+
+def test_the_work_spool_holds_one_part_of_rows_and_removes_its_parts(tmp_path):
+    import pyarrow as pa
+
+    schema = pa.schema([("input", pa.string()), ("output", pa.string())])
+    spool = records.WorkSpool(str(tmp_path / "_work" / "run1"), schema, rows_per_part=3)
+    with spool:
+        for i in range(7):
+            spool.add({"input": f"in/{i}.jpg", "output": f"out/{i}.png"})
+            assert len(spool.rows) < 3                                 # never a whole part held
+    assert spool.total == 7 and [u.rsplit("/", 1)[1] for u in spool.uris] == [
+        "part-work-00000.parquet", "part-work-00001.parquet", "part-work-00002.parquet"]
+    got = [records.read_part(u).to_pylist() for u in spool.uris]
+    assert [r["input"] for part in got for r in part] == [f"in/{i}.jpg" for i in range(7)]
+    assert records.read_part(spool.uris[0]).schema == schema
+    spool.remove()
+    assert list((tmp_path / "_work" / "run1").glob("*")) == [] and spool.uris == []

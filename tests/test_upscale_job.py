@@ -220,6 +220,7 @@ def test_s3_prefix_to_prefix_with_bad_inputs_skips_and_overwrite(ray_local, s3):
     assert all(m["output"] == f"{bucket}/sr/{upscale.output_key(m['input'].split('/lr/', 1)[1])}" for m in ok)
     assert all(m["t_sr"] > 0 and m["t_actor"] >= m["t_sr"] and m["t_encode"] > 0 for m in ok)
     assert sorted(storage.list_files(f"{bucket}/sr", (".png",))) == [f"{bucket}/sr/a.png", f"{bucket}/sr/sub/b.png"]
+    assert storage.list_files(f"{bucket}/sr/{upscale.WORK}") == []     # the run's work spool is removed
     parts = {uri: storage.read_bytes(uri) for uri in records.part_uris(folder)}
 
     # a finished job run again: nothing to write, the bad inputs recorded again, exit 0 (was 1) — here as
