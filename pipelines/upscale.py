@@ -16,7 +16,7 @@ run's. The rows the plan decides (skipped: exists; unsafe_key; output_collision)
 driver in chunks of `PLAN_PART_ROWS` as it lists; the others by the workers. The work items go the same
 way: the driver spools them as parts under `<output>/_work/<run>/` (removed when the run ends) that Ray
 Data reads. The driver keeps counts, one part of rows and a 128-bit fingerprint per listed output (for
-skips and collisions): ~250 B per input at 10⁶ (benchmarks/driver_memory.py); one small row of counts
+skips and collisions): ~240 B per input at 10⁶ (benchmarks/driver_memory.py); one small row of counts
 per records part comes back to it. `samsr.records.read_latest(<output>/_manifest, "input")`
 gives each input's newest record.
 
