@@ -188,17 +188,23 @@ def read_work(work, most_blocks: int = 10_000):
     return ray.data.read_parquet(paths, filesystem=fs).repartition(max(1, min(work.total, most_blocks)))
 
 
-def model_pool(job: str, section):
-    """The model actor pool of `samsr upscale`/`samsr eval` (`section`: their config section): Ray up,
-    the GPUs of the pool's least size there (`require_gpus`), then a fixed pool of `actors`, or one that
-    grows from `min_actors` to `max_actors` while work waits (samsr.config_jobs.actor_pool)."""
-    import ray
-
+def pool_gpus(job: str, section) -> tuple[int, int]:
+    """Ray up and the GPUs of the model pool's least size there (`require_gpus`); returns the pool's
+    (least, most) actors (samsr.config_jobs.actor_pool). `section`: the upscale or eval config."""
     from samsr.config import actor_pool
 
     least, most = actor_pool(section)
     ensure_ray()
     require_gpus(job, section.gpus_per_actor, least, "--gpus-per-actor 0", section.gpu_wait_s)
+    return least, most
+
+
+def model_pool(job: str, section):
+    """The model actor pool of `samsr upscale`/`samsr eval` (`section`: their config section): `pool_gpus`,
+    then a fixed pool of `actors`, or one that grows from `min_actors` to `max_actors` while work waits."""
+    import ray
+
+    least, most = pool_gpus(job, section)
     if least == most:
         return ray.data.ActorPoolStrategy(size=least)
     return ray.data.ActorPoolStrategy(min_size=least, max_size=most)

@@ -45,7 +45,8 @@ import pyarrow as pa
 
 from pipelines import nodes
 from pipelines import upscale_stages as stages
-from pipelines.rayenv import RowProgress, data_progress_bars, entrypoint_parser, model_pool, read_work, run_entrypoint
+from pipelines.rayenv import (RowProgress, data_progress_bars, entrypoint_parser, model_pool, pool_gpus, read_work,
+                              run_entrypoint)
 from pipelines.upscale_stages import decode_row, output_size_error  # noqa: F401  (this module's API before)
 from samsr import config as config_mod
 from samsr import images, listing, locations, records, storage
@@ -215,6 +216,8 @@ def run(cfg: Config, model_overrides: Sequence[str] = (), echo: Callable[[str], 
         ("the tracking URI", uc.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")),
         *model_paths(model_overrides)), uc.shared_fs)
     t0 = time.perf_counter()
+    if uc.gpus_per_actor > 0:       # asked before anything is written: a refusal leaves nothing behind
+        pool_gpus("samsr upscale", uc)
     run_id, folder = records.new_run_id(), storage.join(uc.output, MANIFEST)
     tally, work = records.Tally(KNOWN_BAD), records.WorkSpool(storage.join(uc.output, WORK, run_id), WORK_SCHEMA,
                                                               PLAN_PART_ROWS)
