@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,13 +32,6 @@ from pipelines.local import services
 from samsr import listing, storage
 from samsr.shards import format as fmt
 from samsr.shards import plan as plan_mod
-
-
-def requests(log: Path, since: int) -> list[tuple[str, str]]:
-    with open(log, "rb") as f:
-        f.seek(since)
-        text = f.read().decode(errors="replace")
-    return re.findall(r'"(?:\x1b\[[0-9;]*m)*(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP', text)
 
 
 def write_finished(output: str, shards: int, tar_kb: int) -> plan_mod.Plan:
@@ -91,7 +83,7 @@ def main() -> None:
                 if step == "no_index":
                     totals.save(output)
             seconds = time.perf_counter() - t
-            asked = requests(moto.log_path, since)
+            asked = services.s3_requests(moto.log_path, since)
             tar_gets = sum(m == "GET" and p.endswith(".tar") for m, p in asked)
             results[step] = {"step": step, "seconds": round(seconds, 2), "requests": len(asked),
                              "requests_per_shard": round(len(asked) / args.shards, 3), "tar_gets": tar_gets}

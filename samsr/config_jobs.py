@@ -29,8 +29,8 @@ class ShardConfig:
     png_compress_level: int = 1         # PIL level: 1 is ~5x faster than 6 for +18% bytes
     preview: bool = True                # _preview/shard-NNNNN.jpg contact sheets
     shared_fs: bool = False             # local paths are on a filesystem every node mounts (checked per node)
-    listing: str = ""                   # a file of the input's keys (S3 Inventory CSV/Parquet, or one per line) instead of LIST
-    verify: bool = False                # on resume also sha256 every finished tar (Ray tasks); default: size + ETag/mtime
+    listing: str = ""                   # input keys from a file (S3 Inventory CSV/Parquet, one a line) instead of LIST
+    verify: bool = False                # resume: also sha256 every finished tar (Ray tasks); default: size + ETag/mtime
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class EvalConfig:
     samples: int = 1                    # samples per image with seeds seed, seed+1, …
     seed: int = 0
     crop: int = 0                       # central HR crop side (px) to bound time; 0 = whole images
-    output: str = ""                    # folder or s3:// prefix for scores.jsonl + summary.json; "" = not written
+    output: str = ""                    # folder or s3:// prefix: scores/<run>/ + summary.json; "" = none
     lpips_weights: str = ""             # LPIPS-AlexNet state_dict (path | s3://); "" = no LPIPS
     tracking_uri: str = ""              # MLflow server; "" = $MLFLOW_TRACKING_URI (none: results not logged)
     experiment: str = "samsr-eval"      # MLflow experiment of the run made for a model that is not runs:/…

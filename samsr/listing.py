@@ -60,19 +60,20 @@ class Progress:
 
 
 @functools.lru_cache(maxsize=8)
-def _client(pid: int, endpoint: str | None, region_name: str, waits: tuple[float, float]):
+def _client(pid: int, endpoint: str | None, region_name: str, waits: tuple[float, float], attempts: int):
     import boto3
     from botocore.config import Config
 
     cfg = Config(region_name=region_name, connect_timeout=waits[0], read_timeout=waits[1],
-                 retries={"mode": "standard", "total_max_attempts": storage.S3_MAX_ATTEMPTS},
+                 retries={"mode": "standard", "total_max_attempts": attempts},
                  s3={"addressing_style": "path"} if endpoint else None)
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
 
 
-def s3_client():
-    """A boto3 S3 client for this process, built from the environment the way `samsr.storage` is."""
-    return _client(os.getpid(), storage.endpoint_url(), storage.region(), timeouts.s3())
+def s3_client(waits: tuple[float, float] | None = None, attempts: int = storage.S3_MAX_ATTEMPTS):
+    """A boto3 S3 client for this process, built from the environment the way `samsr.storage` is:
+    `waits` (connect, read) default to samsr.timeouts.s3(), `attempts` counts retries included."""
+    return _client(os.getpid(), storage.endpoint_url(), storage.region(), waits or timeouts.s3(), attempts)
 
 
 def _keep(name: str, suffixes: Sequence[str] | None) -> bool:

@@ -56,17 +56,13 @@ def refuse_overlap(input_uri: str, output_uri: str, *, job: str = "samsr") -> No
 def _head_bucket(uri: str) -> None:
     """Head the bucket of `uri` with a short timeout and no retries; LocationError on any failure."""
     import botocore.exceptions as bce
-    from botocore.config import Config
 
-    import boto3
+    from samsr import listing
 
     bucket, _ = storage._split(uri)
     endpoint = storage.endpoint_url()
     wait = timeouts.preflight()
-    cfg = Config(region_name=storage.region(), connect_timeout=wait, read_timeout=wait,
-                 retries={"total_max_attempts": 2, "mode": "standard"},
-                 s3={"addressing_style": "path"} if endpoint else None)
-    client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
+    client = listing.s3_client((wait, wait), attempts=2)
     where = f"endpoint {endpoint or 'AWS default'}"
     try:
         client.head_bucket(Bucket=bucket)

@@ -18,7 +18,6 @@ uses a real server: moto, MLflow or Ray), `quality` (opt-in: `pytest -m quality`
 from __future__ import annotations
 
 import os
-import re
 import time
 
 TEST_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "SAMSR_PREFLIGHT_TIMEOUT_S": "60", "SAMSR_S3_CONNECT_TIMEOUT_S": "30",
@@ -46,10 +45,7 @@ class S3Endpoint:
 
     def requests(self, since: int = 0) -> list[tuple[str, str]]:
         """(method, path) of each request the server logged after `mark()` returned `since`."""
-        with open(self.log, "rb") as f:
-            f.seek(since)
-            text = f.read().decode(errors="replace")
-        return re.findall(r'"(?:\x1b\[[0-9;]*m)*(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP', text)
+        return services.s3_requests(self.log, since)
 
     def client(self):
         import boto3

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -145,6 +146,15 @@ def start_moto(workdir: Path, port: int | None = None, timeout: float = 60.0) ->
     return _start_http_service("moto", lambda p: [script, "-H", HOST, "-p", str(p)], "", workdir, port, timeout)
 
 
+def s3_requests(log_path: Path, since: int = 0) -> list[tuple[str, str]]:
+    """(method, path) of each request a `start_moto` server logged after byte `since` of its log
+    (`log_path.stat().st_size` taken before the work): how tests and benchmarks count S3 requests."""
+    with open(log_path, "rb") as f:
+        f.seek(since)
+        text = f.read().decode(errors="replace")
+    return re.findall(r'"(?:\x1b\[[0-9;]*m)*(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP', text)
+
+
 def start_mlflow(workdir: Path, port: int | None = None, timeout: float = 120.0) -> Service:
     """An MLflow tracking server on 127.0.0.1: sqlite backend and proxied artifacts under `workdir`,
     one worker, job execution off (starts in ~5 s with ~0.5 GB). Point MLFLOW_TRACKING_URI at `.url`."""
@@ -253,4 +263,4 @@ def start_ray_head(workdir: Path, num_cpus: int = 4, timeout: float = 120.0,
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-__all__ = ["Service", "RayHead", "start_ray_head", "agent_not_ready", "RAY_STOP_GRACE_S", "ray_env", "free_port", "venv_script", "http_ready", "start_process", "start_moto", "HOST"]
+__all__ = ["Service", "RayHead", "start_ray_head", "s3_requests", "agent_not_ready", "RAY_STOP_GRACE_S", "ray_env", "free_port", "venv_script", "http_ready", "start_process", "start_moto", "HOST"]
